@@ -1,0 +1,1 @@
+"""Backend adapters, one file per library."""

@@ -1,0 +1,43 @@
+"""The contract every backend adapter implements.
+
+An estimator is a plain ``torch.nn.Module`` that works in *model space*: x and y have
+already been preprocessed (scaled, rotated, reduced) by ``ConditionalGenerator``, so an
+adapter only wraps one library's network. Shapes:
+
+- ``x``: ``(B, x_dim)``, ``y``: ``(B, y_dim)``, both float32 on the module's device.
+- ``loss(x, y)`` returns a dict of 0-d tensors; ``"loss"`` is the total that is minimised,
+  the other keys are its components (``"nll"``, or ``"recon"`` and ``"kl"``) and are logged.
+- ``sample(n, y)`` returns ``(n, B, x_dim)``: sample-first, always.
+- ``log_prob(x, y)`` returns ``(B,)`` natural-log densities including every constant;
+  estimators without a density (the cVAE) set ``has_density = False`` and raise.
+
+Log-Jacobian convention: for a flow z = f(x; y), ``log_prob(x, y) = log N(f(x); 0, I) +
+log|det df/dx|``, the log-determinant taken of the map from x (data) to z (latent).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Estimator(nn.Module):
+    """Base class of backend adapters: see the module docstring for the contract."""
+
+    has_density: bool = True
+
+    def __init__(self, x_dim: int, y_dim: int) -> None:
+        super().__init__()
+        self.x_dim = int(x_dim)
+        self.y_dim = int(y_dim)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss; the default is the mean negative log-likelihood."""
+        nll = -self.log_prob(x, y).mean()
+        return {"loss": nll, "nll": nll}
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no density")
+
+    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

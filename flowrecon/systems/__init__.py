@@ -1,0 +1,1 @@
+"""Physical systems that plug into the generic flowrecon core."""

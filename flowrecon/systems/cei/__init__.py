@@ -1,0 +1,1 @@
+"""Coulomb explosion imaging of OCS: constants, physics, frames, simulator, data."""
