@@ -1,0 +1,281 @@
+"""Energies, centre of mass and internal coordinates of a Coulomb-exploding triatomic.
+
+Every function works over any leading batch shape ``...``. Positions ``x`` (bohr) and
+momenta ``p`` (atomic units) are flat ``(..., 9)`` vectors ordered
+``cx cy cz ox oy oz sx sy sz``; :func:`as_atoms` views them as ``(..., 3, 3)`` (atom, xyz).
+
+The functions accept torch tensors (any floating dtype, any device, autograd intact) and
+numpy arrays, and return the kind they were given: the computation is written once in
+torch, and numpy inputs are converted on the way in and out. Masses and charges are per
+atom, shape ``(3,)`` or ``(..., 3)`` for per-event values; the charges default to the
+(2,2,2) channel and can be changed everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES, POSITION_COLUMNS
+
+Array = torch.Tensor | np.ndarray
+ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
+PerAtom = Sequence[float] | np.ndarray | torch.Tensor
+
+#: Atom index pairs (C-O, C-S, O-S) of the pairwise Coulomb sum.
+_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (0, 2), (1, 2))
+
+
+def _to_torch(*values: object) -> tuple[list[torch.Tensor], bool]:
+    """Converts array inputs to tensors of one floating dtype and device.
+
+    Returns the tensors and whether the caller was given numpy (or other array-likes
+    only), so that the result can be handed back as numpy. A torch input anywhere makes
+    the output torch, so autograd and the device of that input are kept.
+    """
+    is_numpy = not any(isinstance(v, torch.Tensor) for v in values)
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    tensors = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in values]
+    dtype = None
+    for t in tensors:
+        # Integer inputs become float64 so that 1/r and p^2/2m are exact enough.
+        d = t.dtype if t.is_floating_point() else torch.float64
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    return [t.to(dtype=dtype, device=device) for t in tensors], is_numpy
+
+
+def _from_torch(t: torch.Tensor, is_numpy: bool) -> Array:
+    return t.detach().cpu().numpy() if is_numpy else t
+
+
+def _per_atom(values: PerAtom, like: torch.Tensor, name: str) -> torch.Tensor:
+    """Masses or charges as a tensor of ``like``'s dtype and device, last dimension 3."""
+    t = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    t = t.to(dtype=like.dtype, device=like.device)
+    if t.ndim == 0 or t.shape[-1] != 3:
+        raise ValueError(
+            f"{name} must have one value per atom (C, O, S); got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def _check_flat(v: Array, name: str) -> None:
+    if v.ndim == 0 or v.shape[-1] != 9:
+        raise ValueError(
+            f"{name} must have last dimension 9 ({' '.join(POSITION_COLUMNS)}); "
+            f"got shape {tuple(v.shape)}"
+        )
+
+
+def as_atoms(v: ArrayT) -> ArrayT:
+    """Views a flat ``(..., 9)`` vector as ``(..., 3, 3)``: atom (C, O, S) by x, y, z.
+
+    Example:
+        >>> as_atoms(np.arange(9.0))[2]
+        array([6., 7., 8.])
+    """
+    _check_flat(v, "v")
+    return v.reshape(*v.shape[:-1], 3, 3)
+
+
+def flatten_atoms(v: ArrayT) -> ArrayT:
+    """Inverse of :func:`as_atoms`: ``(..., 3, 3)`` back to flat ``(..., 9)``."""
+    if v.ndim < 2 or tuple(v.shape[-2:]) != (3, 3):
+        raise ValueError(f"v must have shape (..., 3, 3) (atom, xyz); got {tuple(v.shape)}")
+    return v.reshape(*v.shape[:-2], 9)
+
+
+def kinetic_energy(p: Array, masses: PerAtom = MASSES) -> Array:
+    """Total kinetic energy ``sum_i |p_i|^2 / (2 m_i)`` in hartree, shape ``(...)``.
+
+    Example:
+        >>> p = np.zeros(9); p[6] = 1.0  # S moving along x with 1 a.u.
+        >>> bool(np.isclose(kinetic_energy(p), 1 / (2 * MASSES[2])))
+        True
+    """
+    (pt,), is_numpy = _to_torch(p)
+    _check_flat(pt, "p")
+    m = _per_atom(masses, pt, "masses")
+    ke = (as_atoms(pt).square().sum(-1) / (2 * m)).sum(-1)
+    return _from_torch(ke, is_numpy)
+
+
+def coulomb_potential(x: Array, charges: PerAtom = DEFAULT_CHARGES) -> Array:
+    """Coulomb energy ``sum_{i<j} q_i q_j / r_ij`` of point charges, hartree, shape ``(...)``.
+
+    Coincident atoms give ``inf``, as the physics says.
+
+    Example:
+        >>> x = np.array([0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0])  # linear OCS
+        >>> round(float(coulomb_potential(x)), 3)  # 4/2.19 + 4/2.95 + 4/5.14
+        3.961
+    """
+    (xt,), is_numpy = _to_torch(x)
+    _check_flat(xt, "x")
+    q = _per_atom(charges, xt, "charges")
+    xa = as_atoms(xt)
+    pe = sum(
+        q[..., i] * q[..., j] / torch.linalg.vector_norm(xa[..., i, :] - xa[..., j, :], dim=-1)
+        for i, j in _PAIRS
+    )
+    return _from_torch(pe, is_numpy)
+
+
+def _relative_energy_error(
+    x_pred: Array, p_obs: Array, charges: PerAtom, masses: PerAtom, eps: float
+) -> tuple[torch.Tensor, bool]:
+    (xt, pt), is_numpy = _to_torch(x_pred, p_obs)
+    _check_flat(xt, "x_pred")
+    _check_flat(pt, "p_obs")
+    ke = kinetic_energy(pt, masses)
+    pe = coulomb_potential(xt, charges)
+    return (ke - pe) / (ke.abs() + eps), is_numpy
+
+
+def energy_difference(
+    x_pred: Array,
+    p_obs: Array,
+    charges: PerAtom = DEFAULT_CHARGES,
+    masses: PerAtom = MASSES,
+    *,
+    eps: float = 0.0,
+) -> Array:
+    """Relative energy mismatch ``|KE(p_obs) - PE(x_pred)| / |KE(p_obs)|``, shape ``(...)``.
+
+    Energy conservation from rest makes this ~0 for the true geometry. It is a necessary
+    check only: one scalar cannot pin three internal coordinates. Differentiable in
+    ``x_pred``, so it can be a training loss term.
+
+    Args:
+        x_pred: Predicted initial positions, ``(..., 9)`` bohr.
+        p_obs: Observed final momenta, ``(..., 9)`` a.u., broadcastable with ``x_pred``
+            (e.g. ``(n, B, 9)`` posterior samples against ``(B, 9)`` momenta).
+        charges: Ion charges of C, O, S.
+        masses: Masses of C, O, S in electron masses.
+        eps: Added to ``|KE|`` to guard against events with zero momenta.
+
+    Example:
+        >>> x = np.array([0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0])
+        >>> pe = coulomb_potential(x)
+        >>> p = np.zeros(9); p[6] = math.sqrt(2 * MASSES[2] * pe)  # all energy on S
+        >>> float(energy_difference(x, p)) < 1e-12
+        True
+    """
+    rel, is_numpy = _relative_energy_error(x_pred, p_obs, charges, masses, eps)
+    return _from_torch(rel.abs(), is_numpy)
+
+
+def energy_difference_squared(
+    x_pred: Array,
+    p_obs: Array,
+    charges: PerAtom = DEFAULT_CHARGES,
+    masses: PerAtom = MASSES,
+    *,
+    eps: float = 0.0,
+) -> Array:
+    """Squared relative energy mismatch ``((KE - PE) / KE)^2``; see :func:`energy_difference`."""
+    rel, is_numpy = _relative_energy_error(x_pred, p_obs, charges, masses, eps)
+    return _from_torch(rel.square(), is_numpy)
+
+
+def centre_of_mass(x: Array, masses: PerAtom = MASSES) -> Array:
+    """Mass-weighted mean position, shape ``(..., 3)``.
+
+    Example:
+        >>> x = np.array([0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0])
+        >>> centre_of_mass(x).round(3)
+        array([0.991, 0.   , 0.   ])
+    """
+    (xt,), is_numpy = _to_torch(x)
+    _check_flat(xt, "x")
+    m = _per_atom(masses, xt, "masses")
+    com = (m[..., :, None] * as_atoms(xt)).sum(-2) / m.sum(-1)[..., None]
+    return _from_torch(com, is_numpy)
+
+
+def remove_centre_of_mass(x: Array, masses: PerAtom = MASSES) -> Array:
+    """Positions relative to their centre of mass, shape ``(..., 9)``.
+
+    Momenta do not observe the centre of mass, so models learn positions relative to it.
+    """
+    (xt,), is_numpy = _to_torch(x)
+    _check_flat(xt, "x")
+    com = centre_of_mass(xt, masses)
+    return _from_torch(flatten_atoms(as_atoms(xt) - com[..., None, :]), is_numpy)
+
+
+def total_momentum(p: Array) -> Array:
+    """Sum of the three momenta, shape ``(..., 3)``; zero for an explosion from rest."""
+    (pt,), is_numpy = _to_torch(p)
+    _check_flat(pt, "p")
+    return _from_torch(as_atoms(pt).sum(-2), is_numpy)
+
+
+class InternalCoordinates(NamedTuple):
+    """Bond lengths (bohr) and the O-C-S angle at the carbon atom (degrees)."""
+
+    r_co: Array
+    r_cs: Array
+    angle_ocs_deg: Array
+
+
+def internal_coordinates(x: Array) -> InternalCoordinates:
+    """Bond lengths r_CO, r_CS and the O-C-S bond angle, each of shape ``(...)``.
+
+    The angle is ``atan2(|a x b|, a . b)`` with ``a = x_O - x_C`` and ``b = x_S - x_C``:
+    unlike ``arccos`` of a normalised dot product it stays accurate (and its gradient
+    finite) at the linear geometry, 180 degrees, where OCS spends its time.
+
+    Example:
+        >>> x = np.array([0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0])
+        >>> r_co, r_cs, angle = internal_coordinates(x)
+        >>> float(r_co), float(r_cs), float(angle)
+        (2.19, 2.95, 180.0)
+    """
+    (xt,), is_numpy = _to_torch(x)
+    _check_flat(xt, "x")
+    xa = as_atoms(xt)
+    a = xa[..., 1, :] - xa[..., 0, :]
+    b = xa[..., 2, :] - xa[..., 0, :]
+    sin_part = torch.linalg.vector_norm(torch.linalg.cross(a, b), dim=-1)
+    cos_part = (a * b).sum(-1)
+    angle = torch.rad2deg(torch.atan2(sin_part, cos_part))
+    return InternalCoordinates(
+        _from_torch(torch.linalg.vector_norm(a, dim=-1), is_numpy),
+        _from_torch(torch.linalg.vector_norm(b, dim=-1), is_numpy),
+        _from_torch(angle, is_numpy),
+    )
+
+
+def parse_charges(text: str) -> tuple[float, float, float]:
+    """Reads the charges of C, O, S from a command-line string such as ``"2,2,2"``.
+
+    Raises:
+        ValueError: With a message that shows the input, if it does not hold exactly three
+            comma-separated, finite, positive numbers.
+
+    Example:
+        >>> parse_charges("2, 1, 1")
+        (2.0, 1.0, 1.0)
+    """
+    parts = [s.strip() for s in str(text).split(",")]
+    if len(parts) != 3:
+        raise ValueError(
+            f"charges must be 3 comma-separated numbers for C,O,S such as '2,2,2'; "
+            f"got {text!r} ({len(parts)} value{'s' if len(parts) != 1 else ''})"
+        )
+    values = []
+    for part in parts:
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(
+                f"charges must be numbers such as '2,2,2'; could not read {part!r} in {text!r}"
+            ) from None
+    if not all(math.isfinite(q) and q > 0 for q in values):
+        raise ValueError(f"charges must be positive and finite; got {text!r}")
+    return values[0], values[1], values[2]
