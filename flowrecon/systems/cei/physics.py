@@ -39,7 +39,11 @@ def _to_torch(*values: object) -> tuple[list[torch.Tensor], bool]:
     """
     is_numpy = not any(isinstance(v, torch.Tensor) for v in values)
     device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-    tensors = [v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in values]
+    # Arrays read from Parquet are often read-only; torch warns on those, so copy them.
+    tensors = [
+        v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v, copy=True))
+        for v in values
+    ]
     dtype = None
     for t in tensors:
         # Integer inputs become float64 so that 1/r and p^2/2m are exact enough.
