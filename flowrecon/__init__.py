@@ -1,3 +1,29 @@
-"""flowrecon: conditional generative models for inverse problems in physics."""
+"""flowrecon: conditional generative models for inverse problems in physics.
+
+Example:
+    >>> import flowrecon as fr
+    >>> "freia-cinn" in [m["name"] for m in fr.available_models()]
+    True
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flowrecon.registry import available_models
 
 __version__ = "0.1.0"
+
+__all__ = ["ConditionalGenerator", "available_models", "load", "make", "__version__"]
+
+if TYPE_CHECKING:
+    from flowrecon.base import ConditionalGenerator, load, make
+
+
+def __getattr__(name: str) -> Any:
+    # torch and the backends load only when a model is made: `flowrecon models` stays fast.
+    if name in ("ConditionalGenerator", "load", "make"):
+        from flowrecon import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'flowrecon' has no attribute {name!r}")

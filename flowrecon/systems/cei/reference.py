@@ -1,4 +1,4 @@
-"""An independent reference integrator for the simulator tests and benchmark.
+"""An independent reference integrator, to check the fast simulator against.
 
 scipy's DOP853 in plain Cartesian coordinates and plain time, run to t = 1e10 a.u.,
 where about 3e-8 of the energy is still potential: the reference momenta are therefore
@@ -8,7 +8,6 @@ converged to ~1e-8 relative, independently of the simulator's own tricks.
 from __future__ import annotations
 
 import numpy as np
-from scipy.integrate import solve_ivp
 
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES
 
@@ -23,7 +22,15 @@ def reference_momenta(
     t_end: float = 1e10,
     rtol: float = 1e-12,
 ) -> np.ndarray:
-    """Momenta at ``t_end`` for each event of positions (N, 9); returns (N, 9)."""
+    """Momenta at ``t_end`` for each event of positions (N, 9); returns (N, 9).
+
+    Slow (a Python loop over events, ~5 ms each): meant for a few hundred events.
+    Needs scipy (``pip install flowrecon[bench]``).
+    """
+    try:
+        from scipy.integrate import solve_ivp
+    except ImportError as err:  # scipy is a test/benchmark extra, not a runtime need
+        raise ImportError("the reference integrator needs scipy: pip install scipy") from err
     m = np.asarray(masses, dtype=float)
     q = np.asarray(charges, dtype=float)
 

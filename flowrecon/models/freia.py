@@ -1,0 +1,364 @@
+"""FrEIA backend: conditional invertible neural networks (cINN) built from coupling blocks.
+
+FrEIA supplies invertible blocks but no base distribution. The adapter adds the standard
+normal, constant included, so ``log_prob(x, y) = log N(z; 0, I) + log|det dz/dx|`` with
+``z, log|det dz/dx| = inn(x, c=[y])``, exactly the convention of
+``flowrecon.models._estimator``.
+
+Every subnet's last layer starts at zero, so a freshly built network is a pure permutation
+of x: training starts from a well-conditioned identity map and log_prob starts at the
+standard normal density.
+"""
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+import numpy as np
+import torch
+from torch import nn
+
+from flowrecon.models._estimator import Estimator
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+_COUPLINGS: dict[str, type[Fm.InvertibleModule]] = {
+    # two-sided, one subnet predicts (s, t) for each half
+    "glow": Fm.GLOWCouplingBlock,
+    # one-sided: half of x is transformed, conditioned on the other half
+    "affine": Fm.AffineCouplingOneSided,
+    # two-sided, separate subnets for s and t
+    "rnvp": Fm.RNVPCouplingBlock,
+}
+_PERMUTATIONS = ("random", "flip")
+_CLAMP_ACTIVATIONS = {"atan": "ATAN", "tanh": "TANH", "sigmoid": "SIGMOID"}
+_GLOBAL_AFFINE_TYPES = {"softplus": "SOFTPLUS", "sigmoid": "SIGMOID", "exp": "EXP"}
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_T = TypeVar("_T")
+
+
+class ReversePermutation(Fm.InvertibleModule):
+    """Reverses the order of the features; FrEIA has no such block.
+
+    A fixed permutation: no parameters, log-determinant zero, its own inverse.
+    """
+
+    def __init__(self, dims_in: list[tuple[int]], dims_c: list[tuple[int]] | None = None):
+        super().__init__(dims_in, dims_c)
+
+    def forward(
+        self,
+        x: list[torch.Tensor],
+        c: list[torch.Tensor] | None = None,
+        rev: bool = False,
+        jac: bool = True,
+    ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+        out = x[0].flip(1)
+        return (out,), out.new_zeros(out.shape[0])
+
+    def output_dims(self, input_dims: list[tuple[int]]) -> list[tuple[int]]:
+        return input_dims
+
+
+class FrEIAFlow(Estimator):
+    """Adapter around a FrEIA ``SequenceINN`` whose blocks all take the condition.
+
+    Args:
+        x_dim: Width of x.
+        y_dim: Width of y.
+        inn: The invertible network, mapping x to z in its forward direction.
+        condition_net: Maps y to the condition seen by every block (identity or an MLP).
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, inn: Ff.SequenceINN, condition_net: nn.Module):
+        super().__init__(x_dim, y_dim)
+        _frozen_parameters_to_buffers(inn)
+        self.inn = inn
+        self.condition_net = condition_net
+
+    def to_latent(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps x ``(B, x_dim)`` to z ``(B, x_dim)`` and ``log|det dz/dx|`` ``(B,)``."""
+        z, ladj = self.inn(x, c=[self.condition_net(y)])
+        return z, ladj
+
+    def from_latent(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_latent`: maps z ``(B, x_dim)`` back to x."""
+        x, _ = self.inn(z, c=[self.condition_net(y)], rev=True, jac=False)
+        return x
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z, ladj = self.to_latent(x, y)
+        return standard_normal_log_prob(z) + ladj
+
+    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+        batch = y.shape[0]
+        # Embed the condition once, then repeat it: row i * B + b of the flattened batch
+        # is sample i of event b, which the final reshape turns into (n, B, x_dim).
+        c = self.condition_net(y)
+        z = torch.randn(n * batch, self.x_dim, dtype=c.dtype, device=c.device)
+        x, _ = self.inn(z, c=[c.repeat(n, 1)], rev=True, jac=False)
+        return x.reshape(n, batch, self.x_dim)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """Log density of N(0, I) over the last axis, including the -D/2 log(2 pi) constant.
+
+    Example:
+        >>> standard_normal_log_prob(torch.zeros(1, 2, dtype=torch.float64))  # -log(2 pi)
+        tensor([-1.8379], dtype=torch.float64)
+    """
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI)
+
+
+def build_cinn(
+    x_dim: int,
+    y_dim: int,
+    *,
+    blocks: int = 12,
+    hidden: int = 256,
+    subnet_layers: int = 2,
+    activation: str = "relu",
+    coupling: str = "glow",
+    permute: str = "random",
+    clamp: float = 2.0,
+    clamp_activation: str = "atan",
+    cond_hidden: int = 0,
+    permutation_seed: int = 0,
+) -> Estimator:
+    """Builds a conditional INN: ``blocks`` x (coupling block, permutation), FrEIA.
+
+    The seed documents' network, 20 affine coupling blocks each followed by a flip, is
+    ``build_cinn(x_dim, y_dim, blocks=20, coupling="affine", permute="flip")``.
+
+    Args:
+        x_dim: Width of x; at least 2, since coupling blocks split x into two halves.
+        y_dim: Width of the condition y.
+        blocks: Number of (coupling block, permutation) pairs.
+        hidden: Width of the hidden layers of each coupling subnet.
+        subnet_layers: Number of hidden layers of each coupling subnet.
+        activation: Subnet activation: relu, leaky_relu, elu, gelu, silu or tanh.
+        coupling: "glow" (GLOW coupling, both halves transformed, one subnet per half),
+            "affine" (one-sided affine coupling: one half transformed per block) or "rnvp"
+            (RealNVP coupling, separate scale and shift subnets).
+        permute: Permutation after each coupling block: "random" (a fixed random
+            permutation per block) or "flip" (reverse the feature order).
+        clamp: Soft clamp of the log-scales: each block scales a feature by at most
+            exp(+-clamp).
+        clamp_activation: Soft-clamping function: atan, tanh or sigmoid.
+        cond_hidden: Width of a small MLP embedding y, shared by all blocks; 0 feeds the
+            raw y to every block.
+        permutation_seed: Seed of the random permutations (they are also saved in the
+            state dict).
+
+    Example:
+        >>> flow = build_cinn(3, 2, blocks=2, hidden=8)
+        >>> flow.sample(5, torch.zeros(4, 2)).shape
+        torch.Size([5, 4, 3])
+    """
+    _check_dims("freia-cinn", x_dim, y_dim)
+    _check_sizes(blocks=blocks, hidden=hidden, subnet_layers=(subnet_layers, 0))
+    _check_sizes(cond_hidden=(cond_hidden, 0))
+    _check_positive(clamp=clamp)
+    coupling_block = _choose("coupling", coupling, _COUPLINGS)
+    _choose("permute", permute, dict.fromkeys(_PERMUTATIONS))
+    clamp_fn = _choose("clamp_activation", clamp_activation, _CLAMP_ACTIVATIONS)
+    act = _choose("activation", activation, _ACTIVATIONS)
+
+    condition_net, cond_dim = _condition_net(y_dim, cond_hidden, act)
+    inn = Ff.SequenceINN(x_dim)
+    with _seeded_numpy(permutation_seed):
+        for _ in range(blocks):
+            inn.append(
+                coupling_block,
+                cond=0,
+                cond_shape=(cond_dim,),
+                subnet_constructor=_subnet_constructor(hidden, subnet_layers, act),
+                clamp=clamp,
+                clamp_activation=clamp_fn,
+                # The passive part is the smaller half, so a one-sided block transforms
+                # ceil(D/2) features and, with flips, every feature is transformed
+                # (FrEIA's default round(D/2) leaves the middle of D = 3, 7, ... untouched).
+                split_len=x_dim // 2,
+            )
+            if permute == "flip":
+                inn.append(ReversePermutation)
+            else:
+                inn.append(Fm.PermuteRandom)
+    return FrEIAFlow(x_dim, y_dim, inn, condition_net)
+
+
+def build_allinone(
+    x_dim: int,
+    y_dim: int,
+    *,
+    blocks: int = 12,
+    hidden: int = 256,
+    subnet_layers: int = 2,
+    activation: str = "relu",
+    clamp: float = 2.0,
+    cond_hidden: int = 0,
+    permute_soft: bool = False,
+    reverse_permutation: bool = False,
+    global_affine_init: float = 1.0,
+    global_affine_type: str = "softplus",
+    permutation_seed: int = 0,
+) -> Estimator:
+    """Builds a stack of FrEIA ``AllInOneBlock`` (coupling, global affine, permutation).
+
+    Args:
+        x_dim: Width of x; at least 2, since coupling blocks split x into two halves.
+        y_dim: Width of the condition y.
+        blocks: Number of all-in-one blocks.
+        hidden: Width of the hidden layers of each coupling subnet.
+        subnet_layers: Number of hidden layers of each coupling subnet.
+        activation: Subnet activation: relu, leaky_relu, elu, gelu, silu or tanh.
+        clamp: Soft clamp of the coupling log-scales (tanh clamping).
+        cond_hidden: Width of a small MLP embedding y, shared by all blocks; 0 feeds the
+            raw y to every block.
+        permute_soft: Use random rotations from SO(D) instead of hard permutations.
+        reverse_permutation: Also apply the inverse permutation before each coupling.
+        global_affine_init: Initial value of the per-feature global scale (> 0).
+        global_affine_type: Activation of the global scale: softplus, sigmoid or exp.
+        permutation_seed: Seed of the random permutations/rotations (they are also
+            saved in the state dict).
+
+    Example:
+        >>> flow = build_allinone(3, 2, blocks=2, hidden=8)
+        >>> flow.log_prob(torch.zeros(4, 3), torch.zeros(4, 2)).shape
+        torch.Size([4])
+    """
+    _check_dims("freia-allinone", x_dim, y_dim)
+    _check_sizes(blocks=blocks, hidden=hidden, subnet_layers=(subnet_layers, 0))
+    _check_sizes(cond_hidden=(cond_hidden, 0))
+    _check_positive(clamp=clamp, global_affine_init=global_affine_init)
+    affine_type = _choose("global_affine_type", global_affine_type, _GLOBAL_AFFINE_TYPES)
+    if affine_type == "SIGMOID" and global_affine_init >= 10.0:
+        # FrEIA's sigmoid global scale is 10 * sigmoid(.), so it cannot start at >= 10.
+        raise ValueError(
+            f"global_affine_init must be < 10 with global_affine_type='sigmoid', "
+            f"got {global_affine_init}"
+        )
+    act = _choose("activation", activation, _ACTIVATIONS)
+
+    condition_net, cond_dim = _condition_net(y_dim, cond_hidden, act)
+    inn = Ff.SequenceINN(x_dim)
+    # AllInOneBlock draws its permutation from numpy's global generator: seed it here
+    # (and restore it afterwards) so that building a model is reproducible.
+    with _seeded_numpy(permutation_seed):
+        for _ in range(blocks):
+            inn.append(
+                Fm.AllInOneBlock,
+                cond=0,
+                cond_shape=(cond_dim,),
+                subnet_constructor=_subnet_constructor(hidden, subnet_layers, act),
+                affine_clamping=clamp,
+                global_affine_init=global_affine_init,
+                global_affine_type=affine_type,
+                permute_soft=permute_soft,
+                reverse_permutation=reverse_permutation,
+            )
+    return FrEIAFlow(x_dim, y_dim, inn, condition_net)
+
+
+def _frozen_parameters_to_buffers(module: nn.Module) -> None:
+    """Re-registers FrEIA's fixed permutations (``requires_grad=False`` parameters) as buffers.
+
+    FrEIA stores them as ``nn.Parameter``, some of them int64, so they would show up in
+    ``parameters()`` (optimisers, parameter counts, ``parameters_to_vector``). As buffers
+    they keep their state-dict keys and still follow ``.to(device)``.
+    """
+    for submodule in module.modules():
+        for name, param in list(submodule._parameters.items()):
+            if param is not None and not param.requires_grad:
+                del submodule._parameters[name]
+                submodule.register_buffer(name, param.detach())
+
+
+def _subnet_constructor(
+    hidden: int, layers: int, activation: type[nn.Module]
+) -> Callable[[int, int], nn.Module]:
+    """FrEIA's ``subnet_constructor(dims_in, dims_out)``: an MLP whose last layer is zero."""
+
+    def construct(dims_in: int, dims_out: int) -> nn.Module:
+        widths = [dims_in] + [hidden] * layers
+        modules: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+            modules += [nn.Linear(width_in, width_out), activation()]
+        last = nn.Linear(widths[-1], dims_out)
+        # Zero scale and shift: every block starts as the identity.
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return nn.Sequential(*modules, last)
+
+    return construct
+
+
+def _condition_net(
+    y_dim: int, cond_hidden: int, activation: type[nn.Module]
+) -> tuple[nn.Module, int]:
+    """The y embedding shared by all blocks and the width of its output."""
+    if cond_hidden == 0:
+        return nn.Identity(), y_dim
+    net = nn.Sequential(
+        nn.Linear(y_dim, cond_hidden), activation(), nn.Linear(cond_hidden, cond_hidden)
+    )
+    return net, cond_hidden
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int) -> Iterator[None]:
+    """Seeds numpy's global generator, which FrEIA uses, and restores it on exit.
+
+    FrEIA's ``PermuteRandom(seed=...)`` would reseed the global generator for good, a side
+    effect on the caller's own numpy random state.
+    """
+    # The legacy global API is the point here: it is what FrEIA draws from.
+    state = np.random.get_state()  # noqa: NPY002
+    np.random.seed(seed)  # noqa: NPY002
+    try:
+        yield
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+
+
+def _check_dims(model: str, x_dim: int, y_dim: int) -> None:
+    if x_dim < 2:
+        raise ValueError(
+            f"{model} needs x_dim >= 2 (its coupling blocks split x into two non-empty "
+            f"halves), got x_dim={x_dim}; for one-dimensional x use zuko-maf, zuko-nsf, "
+            f"nflows-maf or nflows-nsf"
+        )
+    if y_dim < 1:
+        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
+
+
+def _check_sizes(**sizes: int | tuple[int, int]) -> None:
+    """Checks integer hyper-parameters; a tuple value is (value, minimum), default 1."""
+    for name, spec in sizes.items():
+        value, minimum = spec if isinstance(spec, tuple) else (spec, 1)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _choose(name: str, value: str, options: dict[str, _T]) -> _T:
+    """Looks a string hyper-parameter up, with an error that lists the valid choices."""
+    if value not in options:
+        valid = ", ".join(repr(key) for key in options)
+        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
+    return options[value]

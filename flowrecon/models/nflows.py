@@ -1,0 +1,232 @@
+"""nflows backend: masked autoregressive flows (affine MAF and rational-quadratic NSF).
+
+Two habits of nflows are avoided here: ``Flow.sample(n, context)`` returns context-first
+``(B, n, D)`` (the adapter samples through the inverse transform and returns sample-first
+``(n, B, D)``), and a conditional flow called without a context silently ignores it (the
+adapter always passes y).
+"""
+
+import math
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from nflows.distributions.normal import StandardNormal
+from nflows.flows.base import Flow
+from nflows.transforms.autoregressive import (
+    MaskedAffineAutoregressiveTransform,
+    MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+)
+from nflows.transforms.base import CompositeTransform, Transform
+from nflows.transforms.permutations import ReversePermutation
+
+from flowrecon.models._estimator import Estimator
+
+_T = TypeVar("_T")
+
+# MADE calls its activation as a function.
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,
+    "elu": F.elu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+class NflowsFlow(Estimator):
+    """Adapter around a conditional nflows ``Flow`` (y is its context).
+
+    Args:
+        x_dim: Width of x.
+        y_dim: Width of y.
+        flow: The nflows flow; its transform maps x to z.
+    """
+
+    def __init__(self, x_dim: int, y_dim: int, flow: Flow):
+        super().__init__(x_dim, y_dim)
+        self.flow = flow
+
+    def to_latent(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps x ``(B, x_dim)`` to z ``(B, x_dim)`` and ``log|det dz/dx|`` ``(B,)``."""
+        # nflows' public transform_to_noise drops the log-determinant.
+        return self.flow._transform(x, context=self.flow._embedding_net(y))
+
+    def from_latent(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_latent`: maps z ``(B, x_dim)`` back to x."""
+        x, _ = self.flow._transform.inverse(z, context=self.flow._embedding_net(y))
+        return x
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(x, context=y)
+
+    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+        # Flow.sample returns context-first (B, n, D) and draws its noise in torch's
+        # default dtype whatever the model's. This draws the same noise, in y's dtype, and
+        # returns the same samples sample-first: Flow.sample(n, y).transpose(0, 1).
+        batch = y.shape[0]
+        z = torch.randn(batch, n, self.x_dim, dtype=y.dtype, device=y.device).transpose(0, 1)
+        x = self.from_latent(z.reshape(n * batch, self.x_dim), y.repeat(n, 1))
+        return x.reshape(n, batch, self.x_dim)
+
+
+def build_maf(
+    x_dim: int,
+    y_dim: int,
+    *,
+    transforms: int = 5,
+    hidden: int = 128,
+    residual_blocks: int = 2,
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> Estimator:
+    """Builds a conditional masked autoregressive flow (affine MADE layers), nflows.
+
+    Args:
+        x_dim: Width of x.
+        y_dim: Width of the condition y.
+        transforms: Number of autoregressive transforms; the feature order is reversed
+            between consecutive ones.
+        hidden: Width of the hidden layers of each MADE network.
+        residual_blocks: Number of masked residual blocks in each MADE network.
+        activation: MADE activation: relu, leaky_relu, elu, gelu, silu or tanh.
+        dropout: Dropout probability inside the MADE networks.
+
+    Example:
+        >>> flow = build_maf(3, 2, transforms=2, hidden=8)
+        >>> flow.sample(5, torch.zeros(4, 2)).shape
+        torch.Size([5, 4, 3])
+    """
+    _check_common("nflows-maf", x_dim, y_dim, transforms, hidden, residual_blocks, dropout)
+    act = _choose("activation", activation, _ACTIVATIONS)
+
+    def layer() -> Transform:
+        transform = MaskedAffineAutoregressiveTransform(
+            features=x_dim,
+            hidden_features=hidden,
+            context_features=y_dim,
+            num_blocks=residual_blocks,
+            activation=act,
+            dropout_probability=dropout,
+        )
+        _start_as_identity(transform)
+        return transform
+
+    return NflowsFlow(x_dim, y_dim, _flow(x_dim, transforms, layer))
+
+
+def build_nsf(
+    x_dim: int,
+    y_dim: int,
+    *,
+    transforms: int = 5,
+    hidden: int = 128,
+    residual_blocks: int = 2,
+    bins: int = 8,
+    tail_bound: float = 5.0,
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> Estimator:
+    """Builds a conditional autoregressive neural spline flow (rational-quadratic), nflows.
+
+    Args:
+        x_dim: Width of x.
+        y_dim: Width of the condition y.
+        transforms: Number of autoregressive transforms; the feature order is reversed
+            between consecutive ones.
+        hidden: Width of the hidden layers of each MADE network.
+        residual_blocks: Number of masked residual blocks in each MADE network.
+        bins: Number of spline bins per feature.
+        tail_bound: The splines act on [-tail_bound, tail_bound]; outside it each
+            transform is the identity (linear tails).
+        activation: MADE activation: relu, leaky_relu, elu, gelu, silu or tanh.
+        dropout: Dropout probability inside the MADE networks.
+
+    Example:
+        >>> flow = build_nsf(3, 2, transforms=2, hidden=8)
+        >>> flow.log_prob(torch.zeros(4, 3), torch.zeros(4, 2)).shape
+        torch.Size([4])
+    """
+    _check_common("nflows-nsf", x_dim, y_dim, transforms, hidden, residual_blocks, dropout)
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    if not tail_bound > 0:
+        raise ValueError(f"tail_bound must be > 0, got {tail_bound}")
+    act = _choose("activation", activation, _ACTIVATIONS)
+
+    def layer() -> Transform:
+        return MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+            features=x_dim,
+            hidden_features=hidden,
+            context_features=y_dim,
+            num_bins=bins,
+            tails="linear",
+            tail_bound=tail_bound,
+            num_blocks=residual_blocks,
+            activation=act,
+            dropout_probability=dropout,
+        )
+
+    return NflowsFlow(x_dim, y_dim, _flow(x_dim, transforms, layer))
+
+
+def _start_as_identity(transform: MaskedAffineAutoregressiveTransform) -> None:
+    """Makes an affine MADE transform start as the identity (scale 1, shift 0).
+
+    With nflows' own initialisation the scales start near softplus(0) = 0.69, and the
+    shifts grow with the preceding features: the inverse pass of a few stacked layers then
+    draws samples as large as 1e12 from an untrained flow, which breaks any loss term
+    computed on samples. A zero last layer, as in the FrEIA adapter, avoids that.
+    """
+    final = transform.autoregressive_net.final_layer
+    with torch.no_grad():
+        final.weight.zero_()
+        # The outputs interleave (unconstrained scale, shift) per feature;
+        # softplus(u) + epsilon = 1 at u = log(exp(1 - epsilon) - 1).
+        final.bias.zero_()
+        final.bias[0::2] = math.log(math.expm1(1.0 - transform._epsilon))
+
+
+def _flow(x_dim: int, transforms: int, layer: Callable[[], Transform]) -> Flow:
+    """Chains ``transforms`` layers with reversals between them over a N(0, I) base."""
+    steps: list[Transform] = []
+    for i in range(transforms):
+        if i > 0:
+            # Alternate the autoregressive order, so no feature is always first.
+            steps.append(ReversePermutation(features=x_dim))
+        steps.append(layer())
+    return Flow(CompositeTransform(steps), StandardNormal([x_dim]))
+
+
+def _check_common(
+    model: str,
+    x_dim: int,
+    y_dim: int,
+    transforms: int,
+    hidden: int,
+    residual_blocks: int,
+    dropout: float,
+) -> None:
+    if x_dim < 1:
+        raise ValueError(f"{model} needs x_dim >= 1, got x_dim={x_dim}")
+    if y_dim < 1:
+        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
+    for name, value in (
+        ("transforms", transforms),
+        ("hidden", hidden),
+        ("residual_blocks", residual_blocks),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def _choose(name: str, value: str, options: dict[str, _T]) -> _T:
+    """Looks a string hyper-parameter up, with an error that lists the valid choices."""
+    if value not in options:
+        valid = ", ".join(repr(key) for key in options)
+        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
+    return options[value]

@@ -1,0 +1,354 @@
+"""The model registry: one dict from model name to builder, plus presets.
+
+Hyper-parameters and their defaults live in one place only: the keyword-only arguments
+of each builder ``build_xxx(x_dim, y_dim, *, ...) -> Estimator``; this module reads them
+with `inspect.signature`. Importing it is cheap (no torch, no backend is imported until a
+model is described or built).
+
+Example:
+    >>> from flowrecon.registry import MODELS, hparam_defaults
+    >>> "zuko-nsf" in MODELS
+    True
+    >>> hparam_defaults("cvae")["activation"]
+    'relu'
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one registered model.
+
+    Attributes:
+        builder: Dotted path ``"module:function"`` of the builder.
+        backend: Import name of the package the model needs.
+        description: One line for ``flowrecon models``.
+        has_density: Whether the model has a tractable ``log_prob``.
+    """
+
+    builder: str
+    backend: str
+    description: str
+    has_density: bool = True
+
+
+#: Model name -> spec. Names are what users type: ``flowrecon fit --model NAME``.
+MODELS: dict[str, ModelSpec] = {
+    "cvae": ModelSpec(
+        "flowrecon.models.cvae:build_cvae",
+        "torch",
+        "conditional VAE (seed decks): MLP encoder/decoder, beta-KL; samples only, no density",
+        has_density=False,
+    ),
+    "freia-cinn": ModelSpec(
+        "flowrecon.models.freia:build_cinn",
+        "FrEIA",
+        "FrEIA conditional INN: coupling blocks and permutations, condition on every block",
+    ),
+    "freia-allinone": ModelSpec(
+        "flowrecon.models.freia:build_allinone",
+        "FrEIA",
+        "FrEIA AllInOneBlock stack with condition",
+    ),
+    "nflows-maf": ModelSpec(
+        "flowrecon.models.nflows:build_maf",
+        "nflows",
+        "nflows masked autoregressive flow (affine) with context",
+    ),
+    "nflows-nsf": ModelSpec(
+        "flowrecon.models.nflows:build_nsf",
+        "nflows",
+        "nflows neural spline flow (rational-quadratic) with context",
+    ),
+    "zuko-nsf": ModelSpec(
+        "flowrecon.models.zuko:build_nsf",
+        "zuko",
+        "zuko neural spline flow with context",
+    ),
+    "zuko-maf": ModelSpec(
+        "flowrecon.models.zuko:build_maf",
+        "zuko",
+        "zuko masked autoregressive flow with context",
+    ),
+    "zuko-realnvp": ModelSpec(
+        "flowrecon.models.zuko:build_realnvp",
+        "zuko",
+        "zuko RealNVP (affine coupling) with context",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration: a model, its hyper-parameters and training settings.
+
+    ``training`` holds keyword arguments of `flowrecon.training.train` that
+    ``ConditionalGenerator.fit`` uses unless the call overrides them.
+    """
+
+    model: str
+    description: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+#: The seed documents' own configurations, so that they can be reproduced and compared.
+PRESETS: dict[str, Preset] = {
+    "cvae-seed": Preset(
+        model="cvae",
+        description=(
+            "cVAE of the seed decks: latent 1024, encoder widths [256, 512, 1024] (decoder "
+            "mirrored), ReLU, beta 1, latent drawn from the training-set latent statistics"
+        ),
+        hparams={
+            "hidden_dim": 256,
+            "num_layers": 3,
+            "latent_dim": 1024,
+            "activation": "relu",
+            "beta": 1.0,
+            "latent_sampling": "train_stats",
+        },
+        # Typical seed-deck settings. The L1/L2 weights multiply sums over *all* parameters
+        # (about 4.5 M here): with PyTorch's default initialisation they start near 0.08
+        # (L1) and 0.02 (L2), small next to the reconstruction term.
+        training={
+            "epochs": 200,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "clip_grad": 5.0,
+            "patience": 20,
+            "min_delta": 1e-4,
+            "l1": 1e-6,
+            "l2": 1e-5,
+        },
+    ),
+    "freia-cinn-proposal": Preset(
+        model="freia-cinn",
+        description="cINN of the proposal: 20 affine coupling blocks, each followed by a flip",
+        hparams={"blocks": 20, "coupling": "affine", "permute": "flip"},
+        training={"lr": 1e-3, "batch_size": 256, "clip_grad": 5.0, "patience": 20},
+    ),
+}
+
+
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """' Did you mean X?' for the closest valid name, or '' when none is close."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_model(name: str) -> ValueError:
+    valid = sorted(MODELS)
+    return ValueError(
+        f"unknown model {name!r}.{did_you_mean(name, valid + sorted(PRESETS))} "
+        f"Valid models: {', '.join(valid)}; presets: {', '.join(sorted(PRESETS))}"
+    )
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered model; unknown names raise with a suggestion."""
+    if name not in MODELS:
+        raise _unknown_model(name)
+    return MODELS[name]
+
+
+def is_installed(name: str) -> bool:
+    """Whether the backend package of model ``name`` can be imported."""
+    return importlib.util.find_spec(get_spec(name).backend) is not None
+
+
+def get_builder(name: str) -> Callable[..., Any]:
+    """Imports and returns the builder of model ``name``."""
+    spec = get_spec(name)
+    if not is_installed(name):
+        raise ImportError(
+            f"model {name!r} needs the {spec.backend!r} package, which is not installed "
+            f"(pip install {spec.backend})"
+        )
+    module, function = spec.builder.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _hparam_parameters(name: str) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(get_builder(name)).parameters
+    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def hparam_defaults(name: str) -> dict[str, Any]:
+    """Hyper-parameter name -> default, read from the builder's signature."""
+    return {k: p.default for k, p in _hparam_parameters(name).items()}
+
+
+def hparam_types(name: str) -> dict[str, Any]:
+    """Hyper-parameter name -> type annotation (resolved where possible)."""
+    builder = get_builder(name)
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # unresolvable annotations: fall back to the raw strings
+        hints = {}
+    return {k: hints.get(k, p.annotation) for k, p in _hparam_parameters(name).items()}
+
+
+def check_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Validates hyper-parameter names for model ``name``; returns them as a dict."""
+    valid = list(hparam_defaults(name))
+    for key in hparams:
+        if key not in valid:
+            raise ValueError(
+                f"unknown hyper-parameter {key!r} for model {name!r}.{did_you_mean(key, valid)} "
+                f"Valid: {', '.join(valid) or '(none)'}"
+            )
+    return dict(hparams)
+
+
+def resolve(
+    name: str, hparams: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A model or preset name plus overrides -> (model name, hparams, training settings).
+
+    Example:
+        >>> resolve("freia-cinn-proposal", {"blocks": 4})[:2]
+        ('freia-cinn', {'blocks': 4, 'coupling': 'affine', 'permute': 'flip'})
+    """
+    hparams = dict(hparams or {})
+    if name in PRESETS:
+        preset = PRESETS[name]
+        model, merged, training = preset.model, {**preset.hparams, **hparams}, dict(preset.training)
+    elif name in MODELS:
+        model, merged, training = name, hparams, {}
+    else:
+        raise _unknown_model(name)
+    return model, check_hparams(model, merged), training
+
+
+def build_estimator(name: str, x_dim: int, y_dim: int, **hparams: Any) -> Any:
+    """Builds the estimator of model ``name`` for the given (model-space) widths."""
+    check_hparams(name, hparams)
+    return get_builder(name)(x_dim, y_dim, **hparams)
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Converts a string from the command line to the annotated type."""
+    if not isinstance(value, str):
+        return value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"cannot read {value!r} as {annotation}")
+    if origin is typing.Literal:
+        for arg in args:
+            if str(arg) == value:
+                return arg
+        raise ValueError(f"{value!r} is not one of {', '.join(map(repr, args))}")
+    if annotation is bool:
+        low = value.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"cannot read {value!r} as a boolean")
+    if annotation in (int, float):
+        return annotation(value)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        item = args[0] if args else str
+        items = [_coerce(v.strip(), item) for v in value.strip("[]()").split(",") if v.strip()]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    return value
+
+
+def coerce_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Validates names and converts string values (e.g. from ``--hparam k=v``) by type hint.
+
+    Example:
+        >>> coerce_hparams("cvae", {"hidden_dim": "64", "beta": "0.5"})
+        {'hidden_dim': 64, 'beta': 0.5}
+    """
+    check_hparams(name, hparams)
+    types_ = hparam_types(name)
+    out = {}
+    for key, value in hparams.items():
+        try:
+            out[key] = _coerce(value, types_[key])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"hyper-parameter {key!r} of model {name!r}: {err}") from None
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``'relu' | 'elu'`` (for Literal), ``int | None``: short and readable."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def describe_model(name: str) -> dict[str, Any]:
+    """Name, backend, description and hyper-parameters (default and type) of a model."""
+    spec = get_spec(name)
+    info: dict[str, Any] = {
+        "name": name,
+        "backend": spec.backend,
+        "installed": is_installed(name),
+        "has_density": spec.has_density,
+        "description": spec.description,
+    }
+    if info["installed"]:
+        types_ = hparam_types(name)
+        info["hparams"] = {
+            k: {"default": v, "type": _type_name(types_[k])}
+            for k, v in hparam_defaults(name).items()
+        }
+    return info
+
+
+def available_models() -> list[dict[str, Any]]:
+    """Every registered model: name, backend, installed, has_density and description.
+
+    Example:
+        >>> [m["name"] for m in available_models()][:2]
+        ['cvae', 'freia-cinn']
+    """
+    return [
+        {
+            "name": name,
+            "backend": spec.backend,
+            "installed": is_installed(name),
+            "has_density": spec.has_density,
+            "description": spec.description,
+        }
+        for name, spec in MODELS.items()
+    ]
+
+
+def available_presets() -> list[dict[str, Any]]:
+    """Every preset: name, model, description, hparams and training settings."""
+    return [
+        {
+            "name": name,
+            "model": p.model,
+            "description": p.description,
+            "hparams": dict(p.hparams),
+            "training": dict(p.training),
+        }
+        for name, p in PRESETS.items()
+    ]

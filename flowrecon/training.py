@@ -1,0 +1,385 @@
+"""The one training loop, shared by every backend.
+
+`train` minimises ``estimator.loss(x, y)["loss"]`` in model space with Adam, plus optional
+L1/L2 penalties and weighted physics terms, early-stops on the validation total, clips
+gradients, keeps the best state (in memory, optionally on disk) and restores it at the end.
+It stops cleanly, keeping the best state, on a non-finite loss, on the ``max_minutes``
+budget and on Ctrl-C.
+
+Logged components, per epoch, train and validation (`History`):
+
+- ``total``: what is minimised, ``loss + physics + l1 + l2``;
+- ``loss``: the estimator's own unregularised loss (for learning curves), and its parts
+  (``nll``, or ``recon`` and ``kl``);
+- ``l1``, ``l2``: the weighted penalties (``l1 * sum|w|``, ``l2 * sum w^2`` over all
+  trainable parameters), present when their weight is non-zero;
+- ``physics`` (weighted sum) and each physics term unweighted, when a physics loss is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowrecon.models._estimator import Estimator
+
+#: ``physics_loss(x_sample, x_true, y) -> {term: 0-d tensor}``; x_sample is ``(n, B, Dx)``,
+#: x_true ``(B, Dx)`` and y ``(B, Dy)``, all in the user's space when called from
+#: ``ConditionalGenerator.fit``.
+PhysicsLoss = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
+
+#: ``user_view(x_sample_model, batch_indices, split) -> (x_sample, x_true, y)`` maps model
+#: space samples of a batch to the space the physics loss works in; ``split`` is
+#: ``"train"`` or ``"val"``. Without it the physics loss sees model space.
+UserView = Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor, Tensor]]
+
+
+def split_indices(
+    n: int, seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15)
+) -> tuple[np.ndarray, ...]:
+    """Seeded random split of ``range(n)`` into parts of the given fractions.
+
+    Part sizes are the rounded cumulative fractions, so they always add up to n.
+
+    Example:
+        >>> train, val, test = split_indices(100, seed=0)
+        >>> len(train), len(val), len(test)
+        (70, 15, 15)
+    """
+    f = np.asarray(fractions, dtype=float)
+    if f.ndim != 1 or len(f) < 1 or (f <= 0).any() or abs(f.sum() - 1) > 1e-9:
+        raise ValueError(f"fractions must be positive and sum to 1, got {tuple(fractions)}")
+    if n < len(f):
+        raise ValueError(f"cannot split {n} rows into {len(f)} parts")
+    bounds = np.rint(np.cumsum(f) * n).astype(int)
+    bounds[-1] = n
+    perm = np.random.default_rng(seed).permutation(n)
+    return tuple(np.split(perm, bounds[:-1]))
+
+
+@dataclass
+class History:
+    """Per-epoch loss components and how training ended.
+
+    Attributes:
+        train: Component name -> one value per epoch (averaged over the epoch's batches).
+        val: The same on the validation set (empty without validation data).
+        best_epoch: 1-based epoch whose state was restored (0: the initial state).
+        best: Monitored value (validation total, else train total) at ``best_epoch``.
+        stopped: ``"completed"``, ``"early_stopping"``, ``"max_minutes"``, ``"non_finite"``
+            or ``"interrupted"``.
+        message: Human-readable reason when training stopped early for a problem.
+        seconds: Wall time of the loop.
+    """
+
+    train: dict[str, list[float]] = field(default_factory=dict)
+    val: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = 0
+    best: float = math.inf
+    stopped: str = "completed"
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        """Number of epochs run (a partial epoch cut by ``max_minutes`` counts)."""
+        return len(self.train.get("total", []))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists of floats), safe to save with ``torch.save`` or as JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> History:
+        return cls(**d)
+
+
+def _append(log: dict[str, list[float]], sums: Mapping[str, Tensor], count: int) -> None:
+    for key, value in sums.items():
+        log.setdefault(key, []).append(float(value) / max(count, 1))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def training_options() -> dict[str, Any]:
+    """Keyword options of `train` a user sets (name -> default), e.g. for a CLI or TOML."""
+    internal = {"seed", "user_view", "on_checkpoint"}
+    return {
+        k: p.default
+        for k, p in inspect.signature(train).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in internal
+    }
+
+
+def train(
+    estimator: Estimator,
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    *,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    patience: int | None = 20,
+    min_delta: float = 0.0,
+    clip_grad: float | None = 5.0,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    physics_loss: PhysicsLoss | None = None,
+    physics_weights: Mapping[str, float] | None = None,
+    physics_samples: int = 1,
+    max_minutes: float | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    quiet: bool = False,
+    seed: int = 0,
+    user_view: UserView | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> History:
+    """Trains ``estimator`` in place on model-space tensors; returns the `History`.
+
+    Data stay on their device; each epoch draws one index permutation there, so batches
+    are gathered without host copies. The best state (lowest validation total, or train
+    total without validation data, improved by more than ``min_delta``) is restored; then
+    ``estimator.on_fit_end(x, y)`` runs if the estimator defines it (the cVAE stores its
+    training-set latent statistics there).
+
+    Args:
+        estimator: The estimator, already on the device of x and y.
+        x, y: Training data ``(N, Dx)``, ``(N, Dy)``.
+        x_val, y_val: Validation data, or None to monitor the training total.
+        epochs: Maximum number of epochs (0 only builds and runs the end-of-fit hook).
+        batch_size: Rows per optimiser step.
+        lr: Adam learning rate.
+        weight_decay: Adam's own (L2-style) weight decay, separate from ``l2``.
+        patience: Epochs without improvement before stopping; None or 0 disables it.
+        min_delta: Smallest decrease of the monitored value that counts as improvement.
+        clip_grad: Maximum gradient norm; None or 0 disables clipping.
+        l1: Weight of the L1 penalty ``sum |w|`` over all trainable parameters.
+        l2: Weight of the L2 penalty ``sum w^2`` over all trainable parameters.
+        physics_loss: Optional callable returning physics terms (see `PhysicsLoss`);
+            it needs an estimator whose samples carry gradients.
+        physics_weights: Term name -> weight; None weighs every term 1. Terms without a
+            weight are logged but not minimised.
+        physics_samples: Samples per condition drawn for the physics terms.
+        max_minutes: Wall-clock budget; the epoch in progress is cut short and validated.
+        checkpoint_path: Where to write the best estimator state (atomically) whenever it
+            improves.
+        quiet: No progress bar (it is also off when stderr is not a terminal).
+        seed: Seed of the batch order.
+        user_view: Maps model-space samples to the physics loss's space (see `UserView`).
+        on_checkpoint: Called with the epoch whenever the best state improves.
+
+    Example:
+        >>> from flowrecon.models.cvae import build_cvae
+        >>> est = build_cvae(2, 1, hidden_dim=8, num_layers=1, latent_dim=2)
+        >>> h = train(est, torch.randn(64, 2), torch.randn(64, 1), epochs=2, quiet=True)
+        >>> h.epochs, sorted(h.train)
+        (2, ['kl', 'loss', 'recon', 'total'])
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}"
+        )
+    if (x_val is None) != (y_val is None):
+        raise ValueError("give both x_val and y_val, or neither")
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if physics_loss is not None and physics_samples < 1:
+        raise ValueError(f"physics_samples must be at least 1, got {physics_samples}")
+    weights = None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
+
+    params = [p for p in estimator.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(int(seed))
+    n = x.shape[0]
+
+    def view(xs: Tensor, idx: Tensor, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        if user_view is not None:
+            return user_view(xs, idx, split)
+        xx, yy = (x, y) if split == "train" else (x_val, y_val)
+        assert xx is not None and yy is not None
+        return xs, xx[idx], yy[idx]
+
+    def objective(xb: Tensor, yb: Tensor, idx: Tensor, split: str) -> dict[str, Tensor]:
+        parts = dict(estimator.loss(xb, yb))
+        total = parts["loss"]
+        if physics_loss is not None:
+            xs = estimator.sample(physics_samples, yb)
+            if split == "train" and not xs.requires_grad:
+                raise ValueError(
+                    f"physics terms need differentiable samples, but {type(estimator).__name__}"
+                    ".sample returns tensors without gradient"
+                )
+            terms = dict(physics_loss(*view(xs, idx, split)))
+            if weights is not None and (unknown := set(weights) - set(terms)):
+                raise ValueError(
+                    f"physics_weights name unknown terms {sorted(unknown)}; the physics loss "
+                    f"returns {sorted(terms)}"
+                )
+            physics = sum(
+                (
+                    terms[k].to(total.dtype) * (1.0 if weights is None else weights.get(k, 0.0))
+                    for k in terms
+                ),
+                start=total.new_zeros(()),
+            )
+            parts.update({k: v.detach() for k, v in terms.items()})
+            parts["physics"] = physics
+            total = total + physics
+        if l1:
+            parts["l1"] = l1 * sum(p.abs().sum() for p in params)
+            total = total + parts["l1"]
+        if l2:
+            parts["l2"] = l2 * sum(p.square().sum() for p in params)
+            total = total + parts["l2"]
+        parts["total"] = total
+        return parts
+
+    def accumulate(sums: dict[str, Tensor], parts: Mapping[str, Tensor], rows: int) -> None:
+        for key, value in parts.items():
+            v = value.detach() * rows
+            sums[key] = sums[key] + v if key in sums else v
+
+    def non_finite(where: str, parts: Mapping[str, Tensor]) -> str:
+        shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
+        return (
+            f"training stopped at {where}: the loss is not finite ({shown}). Kept the best "
+            f"state, from epoch {history.best_epoch}. Try a lower learning rate (lr={lr:g}), "
+            "a smaller clip_grad, or check the data for outliers."
+        )
+
+    @torch.no_grad()
+    def validate() -> tuple[dict[str, Tensor], int]:
+        assert x_val is not None and y_val is not None
+        estimator.eval()
+        sums: dict[str, Tensor] = {}
+        for start in range(0, x_val.shape[0], batch_size):
+            idx = torch.arange(start, min(start + batch_size, x_val.shape[0]), device=x_val.device)
+            parts = objective(x_val[idx], y_val[idx], idx, "val")
+            accumulate(sums, parts, len(idx))
+        return sums, x_val.shape[0]
+
+    history = History()
+    best_state = _snapshot(estimator)  # the initial state is the fallback "good" state
+    wait = 0
+    t0 = time.monotonic()
+    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
+    bar = tqdm(
+        range(1, epochs + 1),
+        desc="fit",
+        unit="epoch",
+        disable=quiet or not sys.stderr.isatty(),
+        leave=False,
+    )
+    try:
+        for epoch in bar:
+            estimator.train()
+            perm = torch.randperm(n, generator=generator, device=x.device)
+            sums: dict[str, Tensor] = {}
+            rows = 0
+            for b, start in enumerate(range(0, n, batch_size), 1):
+                idx = perm[start : start + batch_size]
+                parts = objective(x[idx], y[idx], idx, "train")
+                total = parts["total"]
+                if not torch.isfinite(total):
+                    history.stopped, history.message = (
+                        "non_finite",
+                        non_finite(f"epoch {epoch}, batch {b}", parts),
+                    )
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
+                if not torch.isfinite(norm):
+                    history.stopped = "non_finite"
+                    history.message = non_finite(
+                        f"epoch {epoch}, batch {b} (gradient norm {float(norm)})", parts
+                    )
+                    break
+                optimizer.step()
+                accumulate(sums, parts, len(idx))
+                rows += len(idx)
+                if deadline is not None and time.monotonic() > deadline:
+                    history.stopped = "max_minutes"
+                    break
+            if history.stopped == "non_finite":
+                break
+            _append(history.train, sums, rows)
+            monitored = history.train["total"][-1]
+            if x_val is not None:
+                vsums, vrows = validate()
+                _append(history.val, vsums, vrows)
+                monitored = history.val["total"][-1]
+                if not math.isfinite(monitored):
+                    history.stopped = "non_finite"
+                    history.message = non_finite(
+                        f"epoch {epoch} (validation)", {k: v / vrows for k, v in vsums.items()}
+                    )
+                    break
+            if monitored < history.best - min_delta:
+                history.best, history.best_epoch, wait = monitored, epoch, 0
+                best_state = _snapshot(estimator)
+                if checkpoint_path is not None:
+                    _save_atomic({"epoch": epoch, "state_dict": best_state}, checkpoint_path)
+                if on_checkpoint is not None:
+                    on_checkpoint(epoch)
+            else:
+                wait += 1
+            bar.set_postfix(
+                train=f"{history.train['total'][-1]:.4g}",
+                val=f"{history.val['total'][-1]:.4g}" if history.val else "-",
+            )
+            if history.stopped == "max_minutes":
+                break
+            if patience and wait >= patience:
+                history.stopped = "early_stopping"
+                break
+    except KeyboardInterrupt:
+        history.stopped = "interrupted"
+        history.message = (
+            f"training interrupted; kept the best state, from epoch {history.best_epoch}"
+        )
+    finally:
+        bar.close()
+        estimator.load_state_dict(best_state)
+        estimator.eval()
+        history.seconds = time.monotonic() - t0
+    if history.stopped == "non_finite":
+        warnings.warn(history.message, RuntimeWarning, stacklevel=2)
+    hook = getattr(estimator, "on_fit_end", None)
+    if callable(hook):
+        hook(x, y)
+    return history
