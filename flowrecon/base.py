@@ -108,6 +108,8 @@ def _as_tensor(a: Any, what: str, device: torch.device) -> Tensor:
         arr = np.asarray(a)
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise ValueError(f"{what} must be real numbers, got dtype {arr.dtype}")
+        if not arr.flags.writeable:  # arrays from Parquet often are read-only; torch warns
+            arr = arr.copy()
         t = torch.as_tensor(arr, dtype=torch.float64, device=device)
     if t.dim() == 0:
         raise ValueError(f"{what} must have at least one dimension (its columns), got a scalar")

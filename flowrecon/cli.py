@@ -116,3 +116,213 @@ def simulate(
             f"wrote {len(events)} {geometry} events (charges {charges}, noise {momentum_noise}) "
             f"to {out} in {elapsed:.1f} s"
         )
+
+
+def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options."""
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        out[key.strip()] = value.strip()
+    return out
+
+
+# Training options with their CLI names; None means "not given: use config or default".
+_TRAINING_FLAGS = {
+    "epochs": ("--epochs", click.IntRange(min=0), "Maximum number of epochs [default: 100]."),
+    "batch_size": ("--batch-size", click.IntRange(min=1), "Rows per step [default: 256]."),
+    "lr": ("--lr", click.FloatRange(min=0, min_open=True), "Adam learning rate [default: 1e-3]."),
+    "patience": ("--patience", click.IntRange(min=0), "Early-stopping patience [default: 20]."),
+    "min_delta": ("--min-delta", click.FloatRange(min=0), "Early-stopping min_delta [default: 0]."),
+    "clip_grad": ("--clip-grad", click.FloatRange(min=0), "Gradient-norm clip [default: 5]."),
+    "l1": ("--l1", click.FloatRange(min=0), "L1 penalty weight [default: 0]."),
+    "l2": ("--l2", click.FloatRange(min=0), "L2 penalty weight [default: 0]."),
+    "max_minutes": (
+        "--max-minutes",
+        click.FloatRange(min=0, min_open=True),
+        "Wall-clock training budget in minutes.",
+    ),
+}
+
+
+def _training_options(func: Callable) -> Callable:
+    for name, (flag, kind, text) in reversed(list(_TRAINING_FLAGS.items())):
+        func = click.option(flag, name, type=kind, default=None, help=text)(func)
+    return func
+
+
+@main.command()
+@click.option(
+    "--model", "model", default=None, help="Model or preset name (see `flowrecon models`)."
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV or Parquet with positions and momenta; default: the built-in simulated OCS set.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run directory [default: runs/MODEL].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML configuration; options given on the command line override it.",
+)
+@_training_options
+@click.option(
+    "--hparam",
+    "hparam_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model hyper-parameter, repeatable (see `flowrecon models --details NAME`).",
+)
+@click.option(
+    "--frame",
+    type=click.Choice(["momentum", "lab"]),
+    default=None,
+    help="Model in the frame built from the momenta (default) or in the lab frame.",
+)
+@click.option(
+    "--x-scaler", type=click.Choice(["standard", "minmax", "robust", "none"]), default=None
+)
+@click.option(
+    "--y-scaler", type=click.Choice(["standard", "minmax", "robust", "none"]), default=None
+)
+@click.option(
+    "--charges", default=None, help="Ion charges C,O,S for physics terms [default: 2,2,2]."
+)
+@click.option(
+    "--physics-weight",
+    "physics_pairs",
+    multiple=True,
+    metavar="TERM=W",
+    help="Physics loss term weight: energy_diff2=W or rel_err2=W (repeatable).",
+)
+@click.option("--seed", type=int, default=None, help="Seed of split, initialisation, batches.")
+@click.option("--device", default=None, help="auto, cpu or cuda [default: auto].")
+@click.option(
+    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@_friendly_errors
+def fit(
+    model: str | None,
+    data: Path | None,
+    out: Path | None,
+    config_path: Path | None,
+    hparam_pairs: tuple[str, ...],
+    frame: str | None,
+    x_scaler: str | None,
+    y_scaler: str | None,
+    charges: str | None,
+    physics_pairs: tuple[str, ...],
+    seed: int | None,
+    device: str | None,
+    drop_invalid: bool,
+    quiet: bool,
+    **training_flags,
+) -> None:
+    """Fit a model on CEI data (positions from momenta) and write a run directory."""
+    from flowrecon.registry import coerce_hparams, resolve
+    from flowrecon.systems.cei.physics import parse_charges
+    from flowrecon.systems.cei.workflow import fit_run, read_config_file
+
+    config = read_config_file(config_path) if config_path else {}
+    model = model or config.get("model", {}).get("name")
+    if not model:
+        raise click.UsageError("give --model NAME (or [model] name in --config)")
+    resolve(model)  # unknown model names fail before anything else
+    prep = config.get("preprocessing", {})
+    physics = config.get("physics", {})
+    hparams = dict(config.get("hparams", {}))
+    hparams.update(coerce_hparams(resolve(model)[0], _key_values(hparam_pairs, "--hparam")))
+    training = dict(config.get("training", {}))
+    training.update({k: v for k, v in training_flags.items() if v is not None})
+    weights = dict(physics.get("weights", {}))
+    for term, value in _key_values(physics_pairs, "--physics-weight").items():
+        try:
+            weights[term] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"weight of {term} must be a number, got {value!r}", param_hint="--physics-weight"
+            ) from None
+    charge_text = charges or physics.get("charges") or "2,2,2"
+    if not isinstance(charge_text, str):
+        charge_text = ",".join(str(c) for c in charge_text)
+    data = data or (Path(config["data"]["path"]) if config.get("data", {}).get("path") else None)
+    if data is not None and not Path(data).is_file():
+        raise click.ClickException(f"{data}: no such data file")
+    out = out or Path("runs") / model
+    show = _show_progress(quiet)
+    start = time.perf_counter()
+    run = fit_run(
+        model,
+        out,
+        data=data,
+        hparams=hparams,
+        training=training,
+        frame=frame or prep.get("frame", "momentum"),
+        x_scaler=x_scaler or prep.get("x_scaler", "standard"),
+        y_scaler=y_scaler or prep.get("y_scaler", "standard"),
+        charges=parse_charges(charge_text),
+        physics_weights=weights,
+        seed=seed if seed is not None else int(config.get("seed", 0)),
+        device=device or config.get("device", "auto"),
+        drop_invalid=drop_invalid,
+        quiet=quiet,
+        progress=show,
+    )
+    if not quiet:
+        result = run.config["result"]
+        click.echo(
+            f"{model}: {result['epochs']} epochs in {time.perf_counter() - start:.0f} s "
+            f"({result['stopped']}), best validation loss {result['best_val_loss']:.4g} "
+            f"at epoch {result['best_epoch']}"
+        )
+        click.echo(f"wrote {out}/model.pt, config.json, history.csv and learning curves")
+        if result.get("message"):
+            click.echo(result["message"])
+
+
+@main.command()
+@click.option(
+    "--details", "details", default=None, metavar="NAME", help="Hyper-parameters of one model."
+)
+def models(details: str | None) -> None:
+    """List the models and presets, their backends and whether each is installed."""
+    from flowrecon.registry import available_models, available_presets, describe_model
+
+    if details:
+        try:
+            info = describe_model(details)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        click.echo(f"{details}: {info.get('description', '')}")
+        for key, value in info.items():
+            if key not in {"description", "name", "hparams"}:
+                click.echo(f"  {key}: {value}")
+        click.echo("  hyper-parameters (--hparam KEY=VALUE):")
+        for key, spec in info.get("hparams", {}).items():
+            click.echo(f"    {key} ({spec['type']}, default {spec['default']!r})")
+        return
+    rows = available_models()
+    presets = available_presets()
+    width = max(len(r["name"]) for r in [*rows, *presets]) + 2
+    click.echo(f"{'model':<{width}}{'backend':<10}{'installed':<11}{'density':<9}description")
+    for r in rows:
+        click.echo(
+            f"{r['name']:<{width}}{r['backend']:<10}{'yes' if r['installed'] else 'no':<11}"
+            f"{'yes' if r.get('has_density', True) else 'no':<9}{r['description']}"
+        )
+    if presets:
+        click.echo("\npresets (use like a model name):")
+        for p in presets:
+            click.echo(f"  {p['name']:<{width}}{p['description']}")

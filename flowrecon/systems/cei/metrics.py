@@ -1,0 +1,417 @@
+"""Metrics of CEI reconstructions, in the user's own frame and units (bohr, a.u.).
+
+`cei_metrics` computes the keys that ``flowrecon evaluate`` writes to ``metrics.json``
+(DESIGN section 3) from posterior samples of the 9 initial positions. Samples may be an
+array ``(n, B, 9)`` or a function ``draw(start, stop) -> (n, stop - start, 9)``, so that
+a million events with a hundred draws each are evaluated chunk by chunk and never held
+in memory at once. `format_metrics_table` and `example_events_table` turn the results into
+text a physicist can read.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from flowrecon.evaluation.metrics import coverage_curve, relative_errors, to_numpy
+from flowrecon.evaluation.metrics import nll as mean_nll
+from flowrecon.systems.cei.constants import ATOMS, MASSES
+from flowrecon.systems.cei.physics import (
+    energy_difference,
+    energy_difference_squared,
+    internal_coordinates,
+    remove_centre_of_mass,
+)
+from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+__all__ = [
+    "DESIGN_KEYS",
+    "EXTRA_KEYS",
+    "cei_metrics",
+    "example_events_table",
+    "format_metrics_table",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+#: Posterior draws: an array ``(n, B, 9)`` or ``draw(start, stop) -> (n, stop - start, 9)``.
+Samples = ArrayLike | Callable[[int, int], ArrayLike]
+Metrics = dict[str, float | int | None]
+
+#: The keys of ``metrics.json`` that DESIGN section 3 requires, in its order.
+DESIGN_KEYS: tuple[str, ...] = (
+    "n", "ade", "ade_sample", "rmsd_com", "bond_error_co", "bond_error_cs",
+    "angle_error_deg", "mre", "mre2", "mse", "energy_diff", "energy_diff2",
+    "resim_residual", "coverage_50", "coverage_90", "nll",
+)  # fmt: skip
+
+#: Further keys `cei_metrics` always returns.
+EXTRA_KEYS: tuple[str, ...] = (
+    "n_samples", "ade_c", "ade_o", "ade_s", "posterior_std",
+    "mre_small_coordinates", "mre_small_threshold", "resim_events",
+)  # fmt: skip
+
+#: Coverage levels that are always reported (``coverage_50``, ``coverage_90``).
+_REQUIRED_LEVELS: tuple[float, ...] = (0.5, 0.9)
+
+
+def _coverage_key(level: float) -> str:
+    return f"coverage_{level * 100:g}"
+
+
+def _flat9(values: ArrayLike, name: str, n_events: int | None = None) -> np.ndarray:
+    a = to_numpy(values, name)
+    if a.ndim != 2 or a.shape[1] != 9:
+        raise ValueError(
+            f"{name} must have shape (B, 9) ordered cx cy cz ox oy oz sx sy sz; got {a.shape}"
+        )
+    if n_events is not None and a.shape[0] != n_events:
+        raise ValueError(f"{name} has {a.shape[0]} events but positions_true has {n_events}")
+    return a
+
+
+def _drawer(samples: Samples, n_events: int) -> Callable[[int, int], np.ndarray]:
+    """A ``draw(start, stop)`` that returns checked float64 numpy chunks ``(n, k, 9)``."""
+    if callable(samples) and not isinstance(samples, np.ndarray | torch.Tensor):
+        source = samples
+    else:
+        shape = tuple(samples.shape)
+        if len(shape) != 3 or shape[1] != n_events or shape[2] != 9:
+            raise ValueError(
+                f"samples must have shape (n, B, 9) = (n, {n_events}, 9), sample-first; got {shape}"
+            )
+
+        def source(start: int, stop: int) -> ArrayLike:
+            return samples[:, start:stop]
+
+    n_draws: list[int] = []
+
+    def draw(start: int, stop: int) -> np.ndarray:
+        s = to_numpy(source(start, stop), "samples")
+        if s.ndim != 3 or s.shape[1:] != (stop - start, 9) or s.shape[0] == 0:
+            raise ValueError(
+                f"samples for events {start}:{stop} must have shape (n, {stop - start}, 9) "
+                f"with n >= 1; got {s.shape}"
+            )
+        if n_draws and s.shape[0] != n_draws[0]:
+            raise ValueError(
+                f"samples for events {start}:{stop} hold {s.shape[0]} draws, "
+                f"earlier events {n_draws[0]}; every event needs the same number"
+            )
+        n_draws[:1] = [s.shape[0]]
+        return s
+
+    return draw
+
+
+def _atom_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-atom Euclidean distances ``(..., 3)`` between flat ``(..., 9)`` geometries."""
+    d = (a - b).reshape(*np.broadcast_shapes(a.shape, b.shape)[:-1], 3, 3)
+    return np.sqrt((d * d).sum(-1))
+
+
+def _finite_or_none(key: str, value: float | None) -> float | None:
+    """Plain float for JSON; a non-finite value becomes None, loudly."""
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        warnings.warn(f"metric {key!r} is {value}; reported as None", RuntimeWarning, stacklevel=3)
+        return None
+    return value
+
+
+def _resim_residuals(
+    x_pred: np.ndarray,
+    p_obs: np.ndarray,
+    charges: Sequence[float],
+    masses: Sequence[float],
+    device: str | torch.device | None,
+) -> np.ndarray:
+    """Per-event ``|p_sim - p_obs| / |p_obs|`` of 9-vectors; a failed event counts as inf."""
+    residual = np.full(len(x_pred), np.inf)
+    # The simulator refuses NaN/Inf positions; such an event is simply wrong, and
+    # counting it as inf keeps it in the median instead of dropping it.
+    ok = np.isfinite(x_pred).all(axis=1)
+    if ok.any():
+        positions = x_pred[ok] if device is None else torch.as_tensor(x_pred[ok], device=device)
+        p_sim = to_numpy(asymptotic_momenta(positions, charges=charges, masses=masses))
+        residual[ok] = np.linalg.norm(p_sim - p_obs[ok], axis=1) / np.linalg.norm(p_obs[ok], axis=1)
+    return np.where(np.isnan(residual), np.inf, residual)
+
+
+def cei_metrics(
+    samples: Samples,
+    positions_true: ArrayLike,
+    momenta_obs: ArrayLike,
+    *,
+    charges: Sequence[float],
+    masses: Sequence[float] = MASSES,
+    log_prob: ArrayLike | None = None,
+    resimulate: bool = True,
+    resim_max_events: int | None = None,
+    levels: Sequence[float] = _REQUIRED_LEVELS,
+    chunk_size: int = 8192,
+    eps: float = 1e-10,
+    seed: int = 0,
+    resim_device: str | torch.device | None = None,
+) -> Metrics:
+    """All CEI metrics of DESIGN section 3 for posterior samples of initial positions.
+
+    Point metrics use the posterior mean of each event; ``ade_sample`` and the coverages
+    use every draw. Energies take KE from the observed momenta and PE from the predicted
+    positions with the given charges. ``resim_residual`` explodes the posterior-mean
+    geometry with `asymptotic_momenta` and compares with the observed momenta (norms of
+    the 9-vectors, median over events; an event whose mean geometry cannot be simulated
+    counts as an infinite residual). ``rmsd_com`` removes each geometry's mass-weighted
+    centre of mass but does not rotate: orientation is observable from the momenta.
+
+    Args:
+        samples: Posterior draws in the user's frame, ``(n, B, 9)`` bohr, or a function
+            ``draw(start, stop) -> (n, stop - start, 9)`` called once per chunk of events.
+        positions_true: True initial positions, ``(B, 9)`` bohr.
+        momenta_obs: Observed final momenta, ``(B, 9)`` a.u.
+        charges: Ion charges of C, O, S of the explosion channel.
+        masses: Masses of C, O, S in electron masses.
+        log_prob: The model's ``log_prob(positions_true, momenta_obs)``, ``(B,)``, or
+            None for a model without a density (``nll`` is then None).
+        resimulate: Compute ``resim_residual`` (None otherwise).
+        resim_max_events: Re-simulate at most this many events, drawn at random with
+            ``seed``; None re-simulates all.
+        levels: Central-interval levels for ``coverage_<percent>`` keys; 0.5 and 0.9 are
+            always included.
+        chunk_size: Events per chunk; memory is about ``n * chunk_size * 9 * 8`` bytes
+            a copy.
+        eps: The seed decks' guard of the relative errors.
+        seed: Seed of the re-simulation subset.
+        resim_device: Device for the re-simulation (e.g. ``"cuda"``); None runs on CPU.
+
+    Returns:
+        A dict of plain ints, floats and None (JSON-serialisable): `DESIGN_KEYS`, then
+        `EXTRA_KEYS` and any extra coverage keys. Undefined or non-finite values are
+        None, with a `RuntimeWarning` naming the key.
+
+    Example:
+        >>> x = np.array([[0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0]])
+        >>> p = asymptotic_momenta(x)
+        >>> m = cei_metrics(np.stack([x, x]), x, p, charges=(2, 2, 2))
+        >>> m["ade"], m["resim_residual"] < 1e-12, m["coverage_90"]
+        (0.0, True, 1.0)
+    """
+    x_true = _flat9(positions_true, "positions_true")
+    n_events = x_true.shape[0]
+    if n_events == 0:
+        raise ValueError("positions_true holds no events")
+    p_obs = _flat9(momenta_obs, "momenta_obs", n_events)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    lv = np.array(sorted({float(v) for v in (*_REQUIRED_LEVELS, *levels)}))
+    draw = _drawer(samples, n_events)
+
+    # Pass over the draws once, chunk by chunk; only (B, 9) summaries are kept.
+    x_mean = np.empty_like(x_true)
+    inside = np.zeros(lv.size)
+    ade_sample_sum = std_sum = 0.0
+    n_draws = 0
+    for start in range(0, n_events, chunk_size):
+        stop = min(start + chunk_size, n_events)
+        s = draw(start, stop)
+        n_draws = s.shape[0]
+        t = x_true[start:stop]
+        x_mean[start:stop] = s.mean(axis=0)
+        std_sum += float(s.std(axis=0).sum())
+        ade_sample_sum += float(_atom_distances(s, t).sum())
+        inside += coverage_curve(s, t, lv)[1] * t.size
+
+    dist = _atom_distances(x_mean, x_true)  # (B, 3)
+    com_diff = remove_centre_of_mass(x_mean, masses) - remove_centre_of_mass(x_true, masses)
+    rmsd = np.sqrt((com_diff.reshape(-1, 3, 3) ** 2).sum(-1).mean(-1))
+    ic_pred, ic_true = internal_coordinates(x_mean), internal_coordinates(x_true)
+    rel = relative_errors(x_mean, x_true, eps=eps)
+
+    resim, resim_events = None, 0
+    if resimulate:
+        idx = np.arange(n_events)
+        if resim_max_events is not None and n_events > resim_max_events:
+            rng = np.random.default_rng(seed)
+            idx = np.sort(rng.choice(n_events, size=resim_max_events, replace=False))
+        resim_events = int(idx.size)
+        if resim_events:
+            residual = _resim_residuals(x_mean[idx], p_obs[idx], charges, masses, resim_device)
+            resim = float(np.median(residual))
+
+    nll = None
+    if log_prob is not None:
+        lp = to_numpy(log_prob, "log_prob")
+        if lp.shape != (n_events,):
+            raise ValueError(f"log_prob must have shape ({n_events},); got {lp.shape}")
+        n_nan = int(np.isnan(lp).sum())
+        if n_nan:
+            warnings.warn(
+                f"log_prob holds {n_nan} NaN of {n_events}; nll reported as None",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            nll = mean_nll(lp)
+
+    coverage = {_coverage_key(v): float(c / x_true.size) for v, c in zip(lv, inside)}
+    values: dict[str, float | None] = {
+        "ade": dist.mean(),
+        "ade_sample": ade_sample_sum / (n_draws * n_events * 3),
+        "rmsd_com": rmsd.mean(),
+        "bond_error_co": np.abs(ic_pred.r_co - ic_true.r_co).mean(),
+        "bond_error_cs": np.abs(ic_pred.r_cs - ic_true.r_cs).mean(),
+        "angle_error_deg": np.abs(ic_pred.angle_ocs_deg - ic_true.angle_ocs_deg).mean(),
+        "mre": rel.mre,
+        "mre2": rel.mre2,
+        "mse": np.mean((x_mean - x_true) ** 2),
+        "energy_diff": energy_difference(x_mean, p_obs, charges, masses).mean(),
+        "energy_diff2": energy_difference_squared(x_mean, p_obs, charges, masses).mean(),
+        "resim_residual": resim,
+        "coverage_50": coverage.pop("coverage_50"),
+        "coverage_90": coverage.pop("coverage_90"),
+        "nll": nll,
+        **{f"ade_{atom.lower()}": dist[:, i].mean() for i, atom in enumerate(ATOMS)},
+        "posterior_std": std_sum / x_true.size,
+        "mre_small_threshold": rel.threshold,
+        **coverage,
+    }
+    metrics: Metrics = {"n": n_events}
+    for key in (*DESIGN_KEYS[1:], "n_samples", *EXTRA_KEYS[1:], *coverage):
+        if key == "n_samples":
+            metrics[key] = n_draws
+        elif key == "mre_small_coordinates":
+            metrics[key] = rel.n_small
+        elif key == "resim_events":
+            metrics[key] = resim_events
+        else:
+            metrics[key] = _finite_or_none(key, values[key])
+    return metrics
+
+
+#: Rows of `format_metrics_table`: key, unit, meaning.
+_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("ade", "bohr", "mean atom distance, posterior mean"),
+    ("ade_sample", "bohr", "mean atom distance, single draws"),
+    ("rmsd_com", "bohr", "RMSD after centre-of-mass removal"),
+    ("bond_error_co", "bohr", "mean |r_CO error|"),
+    ("bond_error_cs", "bohr", "mean |r_CS error|"),
+    ("angle_error_deg", "deg", "mean |O-C-S angle error|"),
+    ("posterior_std", "bohr", "mean posterior std of a coordinate"),
+    ("mse", "bohr^2", "mean squared coordinate error"),
+    ("mre", "%", "mean |error| / |truth| (seed decks)"),
+    ("mre2", "%", "mean (error / truth)^2 (seed decks)"),
+    ("energy_diff", "ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
+    ("energy_diff2", "ratio", "mean ((KE - PE) / KE)^2"),
+    ("resim_residual", "ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
+)
+
+
+def _fmt(value: float | int | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def format_metrics_table(metrics: Metrics) -> str:
+    """A short aligned plain-text table of `cei_metrics` results, with units.
+
+    One row a metric: its ``metrics.json`` key, value, unit and meaning. Missing keys are
+    skipped, None shows as ``n/a``. A warning follows when near-zero true coordinates
+    make MRE and MRE2 meaningless.
+
+    Example:
+        >>> print(format_metrics_table({"n": 2, "ade": 0.1234567, "nll": None}))
+        CEI metrics: 2 events
+          ade  0.1235  bohr  mean atom distance, posterior mean
+          nll     n/a  nats  mean negative log-likelihood of the true positions
+    """
+    header = f"CEI metrics: {metrics.get('n', '?')} events"
+    if metrics.get("n_samples") is not None:
+        header += f", {metrics['n_samples']} posterior draws each"
+    rows: list[tuple[str, str, str, str]] = []
+    for key, unit, meaning in _ROWS:
+        if key not in metrics:
+            continue
+        if key == "ade" and all(f"ade_{a.lower()}" in metrics for a in ATOMS):
+            per_atom = ", ".join(f"{a} {_fmt(metrics[f'ade_{a.lower()}'])}" for a in ATOMS)
+            meaning = f"{meaning} ({per_atom})"
+        n_resim = metrics.get("resim_events")
+        if key == "resim_residual" and n_resim and n_resim != metrics.get("n"):
+            meaning = f"{meaning} ({n_resim} events)"
+        rows.append((key, _fmt(metrics[key]), unit, meaning))
+    coverage_keys = [k for k in metrics if k.startswith("coverage_")]
+    for key in sorted(coverage_keys, key=lambda k: float(k[len("coverage_") :])):
+        percent = float(key[len("coverage_") :])
+        value = metrics[key]
+        shown = "n/a" if value is None else f"{value:.3f}"
+        meaning = (
+            f"true coordinates inside the central {percent:g} % interval (ideal {percent / 100:g})"
+        )
+        rows.append((key, shown, "", meaning))
+    if "nll" in metrics:
+        meaning = "mean negative log-likelihood of the true positions"
+        rows.append(("nll", _fmt(metrics["nll"]), "nats", meaning))
+
+    widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
+    lines = [header] + [
+        f"  {k:<{widths[0]}}  {v:>{widths[1]}}  {u:<{widths[2]}}  {m}" for k, v, u, m in rows
+    ]
+    n_small = metrics.get("mre_small_coordinates")
+    if n_small:
+        threshold = metrics.get("mre_small_threshold")
+        cut = "" if threshold is None else f" (|x| <= {threshold:.3g} bohr)"
+        plural = "s" if n_small != 1 else ""
+        lines += [
+            f"warning: mre and mre2 are dominated by {n_small} near-zero true "
+            f"coordinate{plural}{cut}:",
+            "  relative errors divide by ~0 there; read ade, rmsd_com and mse instead",
+        ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def example_events_table(samples: Samples, truth: ArrayLike, idx: Sequence[int] = (0, 1, 2)) -> str:
+    """True and predicted (posterior mean ± std) positions of a few events, per atom.
+
+    Args:
+        samples: Posterior draws ``(n, B, 9)`` or ``draw(start, stop)``, as in
+            `cei_metrics`.
+        truth: True positions ``(B, 9)``, bohr.
+        idx: The events to list.
+
+    Example:
+        >>> x = np.array([[0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0]])
+        >>> print(example_events_table(np.stack([x - 0.1, x + 0.1]), x, [0]))
+        event 0
+          atom  true (bohr)                 posterior mean ± std (bohr)
+          C     ( 0.000,  0.000,  0.000)    ( 0.000 ± 0.100,  0.000 ± 0.100,  0.000 ± 0.100)
+          O     (-2.190,  0.000,  0.000)    (-2.190 ± 0.100,  0.000 ± 0.100,  0.000 ± 0.100)
+          S     ( 2.950,  0.000,  0.000)    ( 2.950 ± 0.100,  0.000 ± 0.100,  0.000 ± 0.100)
+          r_CO, r_CS (bohr), O-C-S angle (deg): true 2.190, 2.950, 180.0; mean 2.190, 2.950, 180.0
+    """
+    x_true = _flat9(truth, "truth")
+    draw = _drawer(samples, x_true.shape[0])
+    blocks = []
+    for i in (int(j) for j in idx):
+        if not -x_true.shape[0] <= i < x_true.shape[0]:
+            raise IndexError(f"event {i} out of range for {x_true.shape[0]} events")
+        i %= x_true.shape[0]
+        s = draw(i, i + 1)[:, 0]
+        mean, std, t = s.mean(0), s.std(0), x_true[i]
+        lines = [f"event {i}", f"  atom  {'true (bohr)':<26}  posterior mean ± std (bohr)"]
+        for a, atom in enumerate(ATOMS):
+            c = slice(3 * a, 3 * a + 3)
+            true_xyz = ", ".join(f"{v:6.3f}" for v in t[c])
+            pred_xyz = ", ".join(f"{m:6.3f} ± {d:.3f}" for m, d in zip(mean[c], std[c]))
+            lines.append(f"  {atom:<4}  ({true_xyz})    ({pred_xyz})")
+        internal = [
+            ", ".join(f"{float(v):.3f}" for v in ic[:2]) + f", {float(ic[2]):.1f}"
+            for ic in (internal_coordinates(t), internal_coordinates(mean))
+        ]
+        lines.append(
+            f"  r_CO, r_CS (bohr), O-C-S angle (deg): true {internal[0]}; mean {internal[1]}"
+        )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

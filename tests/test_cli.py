@@ -1,0 +1,163 @@
+"""The command line, through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from flowrecon.cli import main
+from flowrecon.systems.cei.constants import MOMENTUM_COLUMNS, POSITION_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "events.parquet"
+    result = CliRunner().invoke(
+        main, ["simulate", "--n", "400", "--out", str(path), "--seed", "3", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    return str(path)
+
+
+def test_simulate_writes_contract_columns(runner, tmp_path):
+    out = tmp_path / "sim.csv"
+    result = runner.invoke(main, ["simulate", "--n", "25", "--out", str(out), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 25 ocs events" in result.output
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == list(POSITION_COLUMNS + MOMENTUM_COLUMNS)
+    assert len(frame) == 25 and np.isfinite(frame.to_numpy()).all()
+
+
+def test_simulate_is_reproducible_by_seed(runner, tmp_path):
+    paths = [tmp_path / f"{i}.parquet" for i in range(3)]
+    for path, seed in zip(paths, ["7", "7", "8"]):
+        args = ["simulate", "--n", "20", "--out", str(path), "--seed", seed, "--quiet"]
+        assert runner.invoke(main, args).exit_code == 0
+    a, b, c = (pd.read_parquet(p) for p in paths)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.equals(c)
+
+
+def test_simulate_options(runner, tmp_path):
+    out = tmp_path / "ball.parquet"
+    args = ["simulate", "--n", "30", "--out", str(out), "--geometry", "ball"]
+    args += ["--charges", "2,1,1", "--momentum-noise", "0.01", "--quiet"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet
+    assert len(pd.read_parquet(out)) == 30
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n", "5", "--out", "x.txt"], "unsupported output format"),
+        (["--n", "5", "--out", "x.csv", "--charges", "2,x,2"], "could not read 'x'"),
+        (["--n", "5", "--out", "x.csv", "--charges", "2,2"], "charges"),
+        (["--n", "0", "--out", "x.csv"], "0 is not in the range"),
+        (["--n", "5", "--out", "x.csv", "--geometry", "cube"], "'cube' is not one of"),
+        (["--n", "5", "--out", "x.csv", "--device", "cuda:7"], "cuda"),
+        (["--n", "5", "--out", "x.csv", "--momentum-noise", "-1"], "-1"),
+    ],
+)
+def test_simulate_bad_input(runner, tmp_path, args, message):
+    result = runner.invoke(main, ["simulate", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_lists_every_model(runner):
+    result = runner.invoke(main, ["models"])
+    assert result.exit_code == 0
+    for name in ("cvae", "freia-cinn", "zuko-nsf", "nflows-maf", "cvae-seed"):
+        assert name in result.output
+    details = runner.invoke(main, ["models", "--details", "zuko-nsf"])
+    assert details.exit_code == 0 and "transforms (int, default" in details.output
+    bad = runner.invoke(main, ["models", "--details", "zuko-nfs"])
+    assert bad.exit_code != 0 and "Did you mean 'zuko-nsf'" in bad.output
+
+
+def _tiny_fit_args(data: str, out) -> list[str]:
+    return [
+        "fit", "--model", "zuko-maf", "--data", data, "--out", str(out), "--epochs", "3",
+        "--batch-size", "64", "--hparam", "hidden=16", "--hparam", "transforms=2", "--quiet",
+    ]  # fmt: skip
+
+
+def test_fit_writes_a_run_directory(runner, small_data, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(main, _tiny_fit_args(small_data, out))
+    assert result.exit_code == 0, result.output
+    for name in (
+        "model.pt", "config.json", "split.npz", "history.csv", "history.json",
+        "learning_curve_first10.png", "learning_curve_rest.png", "loss_components.png",
+    ):  # fmt: skip
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["hparams"]["hidden"] == 16 and config["training"]["epochs"] == 3
+    assert config["split"] == {"seed": 0, "train": 280, "val": 60, "test": 60}
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 3 and {"train_loss", "val_loss"} <= set(history.columns)
+    import flowrecon as fr
+
+    model = fr.load(out / "model.pt")
+    y = pd.read_parquet(small_data)[list(MOMENTUM_COLUMNS)].to_numpy()[:4]
+    assert model.sample(y, n=2).shape == (2, 4, 9)
+
+
+def test_fit_reads_a_toml_config(runner, small_data, tmp_path):
+    config = tmp_path / "fit.toml"
+    config.write_text(
+        f'[model]\nname = "zuko-maf"\n[hparams]\nhidden = 8\ntransforms = 1\n'
+        f'[training]\nepochs = 2\nbatch_size = 128\n[data]\npath = "{small_data}"\n'
+        f'[preprocessing]\nframe = "lab"\n'
+    )
+    out = tmp_path / "run"
+    args = ["fit", "--config", str(config), "--out", str(out), "--epochs", "1", "--quiet"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["hparams"]["hidden"] == 8
+    assert saved["training"]["epochs"] == 1  # the command line wins over the file
+    assert saved["preprocessing"]["frame"] == "lab"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "zuko-nfs"], "Did you mean 'zuko-nsf'"),
+        (["--model", "zuko-nsf", "--hparam", "hiden=3"], "hiden"),
+        (["--model", "zuko-nsf", "--hparam", "hidden"], "expected KEY=VALUE"),
+        (["--model", "zuko-nsf", "--hparam", "hidden=abc"], "hidden"),
+        (["--model", "zuko-nsf", "--physics-weight", "energy=1"], "unknown physics term"),
+        (["--model", "zuko-nsf", "--data", "missing.parquet"], "missing.parquet"),
+        (["--model", "zuko-nsf", "--epochs", "-1"], "-1"),
+        ([], "give --model"),
+    ],
+)
+def test_fit_bad_input(runner, tmp_path, extra, message):
+    result = runner.invoke(main, ["fit", "--out", str(tmp_path / "r"), *extra])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_fit_reports_bad_data_file(runner, tmp_path):
+    bad = tmp_path / "bad.csv"
+    frame = pd.DataFrame(np.ones((5, 18)), columns=list(POSITION_COLUMNS + MOMENTUM_COLUMNS))
+    frame = frame.drop(columns=["psz"])
+    frame.to_csv(bad, index=False)
+    result = runner.invoke(main, ["fit", "--model", "zuko-nsf", "--data", str(bad), "--quiet"])
+    assert result.exit_code != 0
+    assert "bad.csv" in result.output and "psz" in result.output
