@@ -326,3 +326,176 @@ def models(details: str | None) -> None:
         click.echo("\npresets (use like a model name):")
         for p in presets:
             click.echo(f"  {p['name']:<{width}}{p['description']}")
+
+
+_RUN_OPTION = click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run directory written by `flowrecon fit`.",
+)
+
+
+@main.command()
+@_RUN_OPTION
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Test data with positions and momenta [default: the run's own held-out test split].",
+)
+@click.option("--samples", type=click.IntRange(min=2), default=100, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output directory [default: the run directory].",
+)
+@click.option(
+    "--max-events", type=click.IntRange(min=1), default=None, help="Evaluate at most N events."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or printed tables.")
+@_friendly_errors
+def evaluate(
+    run_dir: Path,
+    data: Path | None,
+    samples: int,
+    out: Path | None,
+    max_events: int | None,
+    seed: int,
+    device: str,
+    drop_invalid: bool,
+    quiet: bool,
+) -> None:
+    """Evaluate a fitted run: metrics.json, figures and report.md (momenta in, positions out)."""
+    from flowrecon.systems.cei.workflow import evaluate_run
+
+    result = evaluate_run(
+        run_dir,
+        data,
+        samples=samples,
+        out=out,
+        max_events=max_events,
+        seed=seed,
+        device=device,
+        drop_invalid=drop_invalid,
+        progress=_show_progress(quiet),
+    )
+    if not quiet:
+        click.echo(f"evaluated {result.events}")
+        click.echo(result.table)
+        if result.examples:
+            click.echo("\nRandom test events:\n" + result.examples)
+        click.echo(f"\nwrote {result.out / 'metrics.json'}, report.md and figures")
+
+
+@main.command()
+@_RUN_OPTION
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="CSV or Parquet with the momentum columns (positions not needed).",
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Samples per event.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Output .parquet or .csv: columns event, sample, cx ... sz.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
+)
+@click.option("--quiet", is_flag=True)
+@_friendly_errors
+def sample(
+    run_dir: Path,
+    data: Path,
+    n: int,
+    out: Path,
+    seed: int,
+    device: str,
+    drop_invalid: bool,
+    quiet: bool,
+) -> None:
+    """Draw posterior samples of the positions for every event of a momenta file."""
+    from flowrecon.systems.cei.workflow import sample_run
+
+    _check_output_suffix(out)
+    rows = sample_run(run_dir, data, out, n=n, seed=seed, device=device, drop_invalid=drop_invalid)
+    if not quiet:
+        click.echo(f"wrote {rows} rows ({n} samples an event) to {out}")
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV or Parquet; default: the built-in simulated OCS set.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/compare"),
+    show_default=True,
+)
+@_training_options
+@click.option("--samples", type=click.IntRange(min=2), default=100, show_default=True)
+@click.option(
+    "--frame", type=click.Choice(["momentum", "lab"]), default="momentum", show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+@_friendly_errors
+def compare(
+    names: tuple[str, ...],
+    data: Path | None,
+    out: Path,
+    samples: int,
+    frame: str,
+    seed: int,
+    device: str,
+    quiet: bool,
+    **training_flags,
+) -> None:
+    """Train every named model on the same split and budget, evaluate all alike, tabulate."""
+    from flowrecon.systems.cei.workflow import compare_runs
+
+    if data is not None and not data.is_file():
+        raise click.ClickException(f"{data}: no such data file")
+    training = {k: v for k, v in training_flags.items() if v is not None}
+    table = compare_runs(
+        list(names),
+        out,
+        data=data,
+        training=training,
+        samples=samples,
+        seed=seed,
+        device=device,
+        frame=frame,
+        quiet=quiet,
+        progress=_show_progress(quiet),
+    )
+    if not quiet:
+        click.echo((out / "comparison.md").read_text())
+        click.echo(f"wrote {out}/comparison.csv, comparison.md, calibration.png, comparison.png")
+    del table

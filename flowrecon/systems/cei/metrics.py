@@ -139,7 +139,10 @@ def _resim_residuals(
     if ok.any():
         positions = x_pred[ok] if device is None else torch.as_tensor(x_pred[ok], device=device)
         p_sim = to_numpy(asymptotic_momenta(positions, charges=charges, masses=masses))
-        residual[ok] = np.linalg.norm(p_sim - p_obs[ok], axis=1) / np.linalg.norm(p_obs[ok], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # |p_obs| = 0 gives inf
+            residual[ok] = np.linalg.norm(p_sim - p_obs[ok], axis=1) / np.linalg.norm(
+                p_obs[ok], axis=1
+            )
     return np.where(np.isnan(residual), np.inf, residual)
 
 

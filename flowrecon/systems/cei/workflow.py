@@ -279,3 +279,376 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> Run:
     return Run(
         directory=run_dir, model=fr.load(model_path, device=device), config=config, split=split
     )
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Results of `evaluate_run`: metrics, where they were written, and what was evaluated."""
+
+    metrics: dict[str, Any]
+    out: Path
+    events: str
+    figures: dict[str, Path]
+    examples: str
+    table: str
+
+
+def _events_to_evaluate(
+    run: Run, data: str | Path | None, drop_invalid: bool
+) -> tuple[np.ndarray, np.ndarray, str, Path]:
+    """Test events: the run's held-out split when ``data`` is the run's own data file."""
+    from flowrecon.systems.cei.data import load_events
+
+    path = Path(data) if data is not None else Path(run.config.get("data", {}).get("path", ""))
+    if data is None and not path.is_file():
+        raise ValueError(f"{run.directory}: give --data; the run's data file {path} is not there")
+    events = load_events(path, drop_invalid=drop_invalid)
+    same_file = _file_digest(path) == run.config.get("data", {}).get("sha256")
+    if same_file and "test" in run.split and events.report.n_rows_dropped == 0:
+        idx = run.split["test"]
+        what = f"{len(idx)} held-out test events of {path.name} (the run's own data, split seed)"
+        return events.positions[idx], events.momenta[idx], what, path
+    return events.positions, events.momenta, f"all {len(events)} events of {path.name}", path
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    samples: int = 100,
+    out: str | Path | None = None,
+    max_events: int | None = None,
+    resim_max_events: int | None = 20_000,
+    examples: int = 3,
+    seed: int = 0,
+    device: str = "auto",
+    drop_invalid: bool = False,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate a fitted run on test events: metrics.json, figures and report.md.
+
+    Only the momenta go into the model. When ``data`` is the file the run was fitted on
+    (same content), only its held-out test split is evaluated; any other file is
+    evaluated whole.
+
+    Args:
+        run_dir: A run directory written by `fit_run`.
+        data: CSV or Parquet with positions and momenta; default the run's own data.
+        samples: Posterior draws per event.
+        out: Output directory; default the run directory.
+        max_events: Evaluate at most this many events (the first ones).
+        resim_max_events: Re-simulate at most this many events for ``resim_residual``.
+        examples: Random events printed and drawn with their posterior samples.
+        seed: Seed of the posterior draws and the random example events.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        drop_invalid: Drop invalid rows of ``data`` (reported) instead of failing.
+        progress: Show a progress bar over chunks of events.
+    """
+    import time
+
+    from flowrecon import plots
+    from flowrecon.evaluation.metrics import coverage_curve
+    from flowrecon.systems.cei.metrics import (
+        cei_metrics,
+        example_events_table,
+        format_metrics_table,
+    )
+    from flowrecon.systems.cei.physics import energy_difference
+
+    if samples < 2:
+        raise ValueError(f"need at least 2 posterior samples per event, got {samples}")
+    run = load_run(run_dir, device=device)
+    out = Path(out) if out is not None else run.directory
+    out.mkdir(parents=True, exist_ok=True)
+    x_true, p_obs, what, data_path = _events_to_evaluate(run, data, drop_invalid)
+    if max_events is not None:
+        x_true, p_obs = x_true[:max_events], p_obs[:max_events]
+        what += f" (first {len(x_true)})"
+    charges = tuple(run.config.get("physics", {}).get("charges", (2.0, 2.0, 2.0)))
+    model = run.model
+    n_events = len(x_true)
+    rng = np.random.default_rng(seed)
+    shown = np.sort(rng.choice(n_events, size=min(examples, n_events), replace=False))
+
+    # One pass over chunks of events: the metrics pull draws through this function, and
+    # it keeps what the figures need (means, calibration counts, the example events).
+    levels = np.linspace(0.05, 0.95, 19)
+    post_mean = np.empty_like(x_true)
+    hits = np.zeros_like(levels)
+    kept: dict[int, np.ndarray] = {}
+    timing = {"seconds": 0.0, "draws": 0}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_events, unit="event", desc="evaluate")
+
+    def draw(start: int, stop: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        xs = model.sample(p_obs[start:stop], n=samples, seed=seed + start)
+        timing["seconds"] += time.perf_counter() - t0
+        timing["draws"] += xs.shape[0] * xs.shape[1]
+        post_mean[start:stop] = xs.mean(0)
+        _, empirical = coverage_curve(xs, x_true[start:stop], levels)
+        hits[:] += empirical * (stop - start)
+        for i in shown[(shown >= start) & (shown < stop)]:
+            kept[int(i)] = xs[:, i - start]
+        if bar is not None:
+            bar.update(stop - start)
+        return xs
+
+    log_prob = model.log_prob(x_true, p_obs) if model.has_density else None
+    metrics = cei_metrics(
+        draw,
+        x_true,
+        p_obs,
+        charges=charges,
+        log_prob=log_prob,
+        resim_max_events=resim_max_events,
+        seed=seed,
+    )
+    if bar is not None:
+        bar.close()
+    metrics["sampling_samples_per_s"] = timing["draws"] / max(timing["seconds"], 1e-12)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    calibration = hits / max(n_events, 1)
+    example_samples = np.stack([kept[int(i)] for i in shown], 1) if len(shown) else None
+    ediff = energy_difference(post_mean, p_obs, charges)
+    figures = {
+        "real_vs_predicted": plots.real_vs_predicted(
+            x_true, post_mean, out / "real_vs_predicted.png"
+        ),
+        "distributions": plots.distributions(x_true, post_mean, out / "distributions.png"),
+        "calibration": plots.calibration_curve(
+            levels, calibration, out / "calibration.png", label=run.config.get("model")
+        ),
+        "energy_difference": plots.energy_difference_histogram(
+            ediff, out / "energy_difference.png", label=run.config.get("model")
+        ),
+    }
+    if example_samples is not None:
+        figures["posterior_in_plane"] = plots.posterior_in_plane(
+            example_samples,
+            x_true[shown],
+            p_obs[shown],
+            out / "posterior_in_plane.png",
+            events=list(range(len(shown))),
+        )
+    np.savez(out / "calibration.npz", levels=levels, empirical=calibration)
+    table = format_metrics_table(metrics)
+    examples_text = (
+        example_events_table(example_samples, x_true[shown], range(len(shown)))
+        if example_samples is not None
+        else ""
+    )
+    if len(shown):
+        # Number the examples by their index among the evaluated events.
+        for j, i in reversed(list(enumerate(shown))):
+            examples_text = examples_text.replace(f"event {j}\n", f"event {i}\n")
+    _write_report(run, out, what, data_path, samples, metrics, table, examples_text, figures)
+    return Evaluation(metrics, out, what, figures, examples_text, table)
+
+
+def _write_report(
+    run: Run,
+    out: Path,
+    what: str,
+    data_path: Path,
+    samples: int,
+    metrics: dict[str, Any],
+    table: str,
+    examples_text: str,
+    figures: dict[str, Path],
+) -> None:
+    import os
+
+    def rel(path: Path) -> str:
+        return os.path.relpath(path, out)
+
+    result = run.config.get("result", {})
+    lines = [
+        f"# flowrecon report: {run.config.get('model', 'model')}",
+        "",
+        f"- run: `{run.directory}`; evaluated on {what} (`{data_path}`)",
+        f"- {samples} posterior samples per event; only the momenta went into the model",
+        f"- training: {result.get('epochs', '?')} epochs, stopped by "
+        f"{result.get('stopped', '?')}, best validation loss "
+        f"{result.get('best_val_loss', float('nan')):.4g} at epoch {result.get('best_epoch', '?')}",
+        f"- sampling: {metrics.get('sampling_samples_per_s', 0):,.0f} samples/s",
+        "",
+        "## Metrics",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "Definitions: DESIGN section 3. Positions in bohr in your own frame; `ade` uses the "
+        "posterior mean, `ade_sample` single draws; coverages are the fraction of true "
+        "coordinates inside the central 50 % / 90 % posterior intervals (nominal: 0.5 / 0.9).",
+        "",
+        "## Figures",
+        "",
+    ]
+    captions = {
+        "real_vs_predicted": "Posterior mean against truth, per coordinate",
+        "distributions": "Distributions of true and predicted coordinates",
+        "calibration": "Calibration: empirical against nominal coverage of central intervals",
+        "energy_difference": "|KE(observed momenta) - PE(predicted positions)| / KE",
+        "posterior_in_plane": "Posterior samples of random events in the molecular plane",
+    }
+    for name, path in figures.items():
+        lines += [f"### {captions.get(name, name)}", "", f"![{name}]({rel(path)})", ""]
+    for name in ("learning_curve_first10.png", "learning_curve_rest.png"):
+        if (run.directory / name).is_file():
+            lines += [f"![{name}]({rel(run.directory / name)})", ""]
+    if examples_text:
+        lines += ["## Random test events", "", "```", examples_text, "```", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def sample_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    n: int = 100,
+    seed: int = 0,
+    device: str = "auto",
+    drop_invalid: bool = False,
+    chunk_events: int = 65536,
+) -> int:
+    """Posterior samples for every event of a momenta file, written with event and sample ids.
+
+    The output has columns ``event``, ``sample`` and the position columns, one row per
+    draw (``n`` rows an event), in the user's frame and units. Returns the rows written.
+    """
+    import pandas as pd
+
+    from flowrecon.data import write_table
+    from flowrecon.systems.cei.constants import POSITION_COLUMNS
+    from flowrecon.systems.cei.data import load_events
+
+    if n < 1:
+        raise ValueError(f"need at least one sample per event, got {n}")
+    run = load_run(run_dir, device=device)
+    events = load_events(data, drop_invalid=drop_invalid, require_positions=False)
+    frames = []
+    for start in range(0, len(events), chunk_events):
+        stop = min(start + chunk_events, len(events))
+        xs = run.model.sample(events.momenta[start:stop], n=n, seed=seed + start)  # (n, b, 9)
+        b = stop - start
+        flat = np.transpose(xs, (1, 0, 2)).reshape(b * n, 9)  # event-major rows
+        frame = pd.DataFrame(flat, columns=list(POSITION_COLUMNS))
+        frame.insert(0, "sample", np.tile(np.arange(n), b))
+        frame.insert(0, "event", np.repeat(np.arange(start, stop), n))
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    write_table(table, out)
+    return len(table)
+
+
+def compare_runs(
+    models: list[str],
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    training: Mapping[str, Any] | None = None,
+    samples: int = 100,
+    seed: int = 0,
+    device: str = "auto",
+    frame: str = "momentum",
+    quiet: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Fit every model on the same split with the same budget and evaluate all alike.
+
+    Writes ``OUT/<model>/`` run directories (with their own reports), and
+    ``comparison.csv``, ``comparison.md`` and side-by-side figures in ``OUT``. Returns
+    the comparison table (a pandas DataFrame, one row a model).
+    """
+    import pandas as pd
+
+    from flowrecon import plots
+    from flowrecon.registry import resolve
+
+    if not models:
+        raise ValueError("name at least one model to compare")
+    if len(set(models)) != len(models):
+        raise ValueError(f"a model is named twice in {models}")
+    for name in models:
+        resolve(name)  # every name is checked before any training starts
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        # Simulate the built-in set once, so every model sees the very same events.
+        x, y, _ = load_training_data(None, out, progress=progress)
+        data = out / "data.parquet"
+    rows = []
+    curves = {}
+    energy = {}
+    for name in models:
+        run = fit_run(
+            name,
+            out / name,
+            data=data,
+            training=training,
+            frame=frame,
+            seed=seed,
+            device=device,
+            quiet=quiet,
+            progress=progress,
+        )
+        ev = evaluate_run(run.directory, data, samples=samples, seed=seed, device=device)
+        with np.load(ev.out / "calibration.npz") as z:
+            curves[name] = (z["levels"], z["empirical"])
+        result = run.config["result"]
+        rows.append(
+            {
+                "model": name,
+                **{k: v for k, v in ev.metrics.items()},
+                "train_seconds": result["seconds"],
+                "epochs": result["epochs"],
+                "stopped": result["stopped"],
+            }
+        )
+        energy[name] = ev.out / "energy_difference.png"
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "comparison.csv", index=False)
+    shown = [
+        "model", "ade", "ade_sample", "rmsd_com", "bond_error_co", "bond_error_cs",
+        "angle_error_deg", "energy_diff", "resim_residual", "coverage_50", "coverage_90",
+        "nll", "train_seconds", "epochs", "sampling_samples_per_s",
+    ]  # fmt: skip
+    shown = [c for c in shown if c in table.columns]
+    (out / "comparison.md").write_text(_markdown_table(table[shown]) + "\n")
+    plots.calibration_curves(curves, out / "calibration.png")
+    plots.compare_bars(
+        table,
+        [
+            m
+            for m in ("ade", "angle_error_deg", "coverage_90", "nll", "train_seconds")
+            if m in table
+        ],
+        out / "comparison.png",
+    )
+    return table
+
+
+def _markdown_table(frame: Any) -> str:
+    """A DataFrame as a GitHub markdown table (4 significant digits)."""
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
