@@ -144,6 +144,12 @@ _TRAINING_FLAGS = {
         click.FloatRange(min=0, min_open=True),
         "Wall-clock training budget in minutes.",
     ),
+    "lr_schedule": (
+        "--lr-schedule",
+        click.Choice(["constant", "cosine", "plateau"]),
+        "Learning-rate schedule; cosine anneals over the epochs or --max-minutes "
+        "[default: constant].",
+    ),
 }
 
 

@@ -48,6 +48,10 @@ PhysicsLoss = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 UserView = Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor, Tensor]]
 
 
+#: Learning-rate schedules of `train`.
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "plateau")
+
+
 def split_indices(
     n: int, seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15)
 ) -> tuple[np.ndarray, ...]:
@@ -84,6 +88,7 @@ class History:
             or ``"interrupted"``.
         message: Human-readable reason when training stopped early for a problem.
         seconds: Wall time of the loop.
+        lr: Learning rate at the end of each epoch.
     """
 
     train: dict[str, list[float]] = field(default_factory=dict)
@@ -93,6 +98,7 @@ class History:
     stopped: str = "completed"
     message: str = ""
     seconds: float = 0.0
+    lr: list[float] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -161,6 +167,7 @@ def train(
     physics_weights: Mapping[str, float] | None = None,
     physics_samples: int = 1,
     max_minutes: float | None = None,
+    lr_schedule: str = "constant",
     checkpoint_path: str | os.PathLike | None = None,
     quiet: bool = False,
     seed: int = 0,
@@ -194,6 +201,11 @@ def train(
             weight are logged but not minimised.
         physics_samples: Samples per condition drawn for the physics terms.
         max_minutes: Wall-clock budget; the epoch in progress is cut short and validated.
+        lr_schedule: ``"constant"``; ``"cosine"``, which anneals the learning rate to 1 %
+            of ``lr`` over the run (over ``max_minutes`` of wall-clock time when a budget
+            is set and it ends before ``epochs``, so a fixed-time run still finishes
+            annealed); or ``"plateau"``, which halves it when the monitored loss has not
+            improved for ``max(2, patience // 4)`` epochs.
         checkpoint_path: Where to write the best estimator state (atomically) whenever it
             improves.
         quiet: No progress bar (it is also off when stderr is not a terminal).
@@ -219,9 +231,18 @@ def train(
     if physics_loss is not None and physics_samples < 1:
         raise ValueError(f"physics_samples must be at least 1, got {physics_samples}")
     weights = None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(
+            f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+        )
 
     params = [p for p in estimator.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    plateau = None
+    if lr_schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=0.5, patience=max(2, (patience or 8) // 4)
+        )
     generator = torch.Generator(device=x.device)
     generator.manual_seed(int(seed))
     n = x.shape[0]
@@ -297,6 +318,14 @@ def train(
     wait = 0
     t0 = time.monotonic()
     deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
+    n_batches = math.ceil(n / batch_size)
+
+    def cosine_lr(epoch: int, batch: int) -> float:
+        done = (epoch - 1 + batch / n_batches) / max(epochs, 1)
+        if deadline is not None:
+            done = max(done, (time.monotonic() - t0) / (deadline - t0))
+        return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
+
     bar = tqdm(
         range(1, epochs + 1),
         desc="fit",
@@ -312,6 +341,9 @@ def train(
             rows = 0
             for b, start in enumerate(range(0, n, batch_size), 1):
                 idx = perm[start : start + batch_size]
+                if lr_schedule == "cosine":
+                    for group in optimizer.param_groups:
+                        group["lr"] = cosine_lr(epoch, b - 1)
                 parts = objective(x[idx], y[idx], idx, "train")
                 total = parts["total"]
                 if not torch.isfinite(total):
@@ -338,6 +370,7 @@ def train(
             if history.stopped == "non_finite":
                 break
             _append(history.train, sums, rows)
+            history.lr.append(optimizer.param_groups[0]["lr"])
             monitored = history.train["total"][-1]
             if x_val is not None:
                 vsums, vrows = validate()
@@ -349,6 +382,8 @@ def train(
                         f"epoch {epoch} (validation)", {k: v / vrows for k, v in vsums.items()}
                     )
                     break
+            if plateau is not None:
+                plateau.step(monitored)
             if monitored < history.best - min_delta:
                 history.best, history.best_epoch, wait = monitored, epoch, 0
                 best_state = _snapshot(estimator)

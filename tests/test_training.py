@@ -313,3 +313,41 @@ def test_cei_physics_loss_through_fit() -> None:
     )
     assert {"energy_diff2", "rel_err2", "physics"} <= set(model.history_.train)
     assert np.isfinite(model.history_.train["energy_diff2"]).all()
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "plateau"])
+def test_lr_schedules(schedule):
+    from flowrecon.models.cvae import build_cvae
+
+    torch.manual_seed(0)
+    est = build_cvae(2, 1, hidden_dim=8, num_layers=1, latent_dim=2)
+    x, y = torch.randn(256, 2), torch.randn(256, 1)
+    h = train(
+        est,
+        x,
+        y,
+        x[:64],
+        y[:64],
+        epochs=12,
+        batch_size=32,
+        lr=1e-2,
+        patience=0,
+        lr_schedule=schedule,
+        quiet=True,
+    )
+    assert len(h.lr) == 12
+    if schedule == "constant":
+        assert h.lr == [1e-2] * 12
+    elif schedule == "cosine":
+        assert h.lr[0] < 1e-2 and h.lr[-1] < 1.2e-4  # annealed to ~1 % at the end
+        assert all(a >= b for a, b in zip(h.lr, h.lr[1:]))
+    else:
+        assert all(a >= b for a, b in zip(h.lr, h.lr[1:])) and h.lr[0] == 1e-2
+
+
+def test_unknown_lr_schedule_message():
+    from flowrecon.models.cvae import build_cvae
+
+    est = build_cvae(2, 1, hidden_dim=8, num_layers=1, latent_dim=2)
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'; choose one of constant"):
+        train(est, torch.randn(8, 2), torch.randn(8, 1), epochs=1, lr_schedule="step")
