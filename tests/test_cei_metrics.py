@@ -187,3 +187,5 @@ def test_tables_are_readable() -> None:
     assert "( 3.000,  0.000,  0.000)" in events  # true S
     assert "( 0.000 ± 0.010,  3.000 ± 0.010,  0.000 ± 0.010)" in events  # predicted S
     assert "true 2.000, 3.000, 180.0; mean 2.500, 3.000, 90.0" in events
+    labelled = example_events_table(np.stack([PRED, PRED]), TRUTH, [1, 0], labels=["17", "4"])
+    assert labelled.startswith("event 17\n") and "\nevent 4\n" in labelled

@@ -174,7 +174,9 @@ def cei_metrics(
 
     Args:
         samples: Posterior draws in the user's frame, ``(n, B, 9)`` bohr, or a function
-            ``draw(start, stop) -> (n, stop - start, 9)`` called once per chunk of events.
+            ``draw(start, stop) -> (n, stop - start, 9)``. The function is called exactly
+            once per chunk, in order, covering every event once, so it may accumulate
+            its own summaries of the draws it hands out.
         positions_true: True initial positions, ``(B, 9)`` bohr.
         momenta_obs: Observed final momenta, ``(B, 9)`` a.u.
         charges: Ion charges of C, O, S of the explosion channel.
@@ -375,7 +377,12 @@ def format_metrics_table(metrics: Metrics) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def example_events_table(samples: Samples, truth: ArrayLike, idx: Sequence[int] = (0, 1, 2)) -> str:
+def example_events_table(
+    samples: Samples,
+    truth: ArrayLike,
+    idx: Sequence[int] = (0, 1, 2),
+    labels: Sequence[object] | None = None,
+) -> str:
     """True and predicted (posterior mean ± std) positions of a few events, per atom.
 
     Args:
@@ -383,6 +390,8 @@ def example_events_table(samples: Samples, truth: ArrayLike, idx: Sequence[int] 
             `cei_metrics`.
         truth: True positions ``(B, 9)``, bohr.
         idx: The events to list.
+        labels: Names printed for those events (e.g. their row in the data file);
+            default their indices.
 
     Example:
         >>> x = np.array([[0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0]])
@@ -396,14 +405,18 @@ def example_events_table(samples: Samples, truth: ArrayLike, idx: Sequence[int] 
     """
     x_true = _flat9(truth, "truth")
     draw = _drawer(samples, x_true.shape[0])
+    idx = [int(i) for i in idx]
+    labels = idx if labels is None else list(labels)
+    if len(labels) != len(idx):
+        raise ValueError(f"labels has {len(labels)} entries for {len(idx)} events")
     blocks = []
-    for i in (int(j) for j in idx):
+    for i, label in zip(idx, labels):
         if not -x_true.shape[0] <= i < x_true.shape[0]:
             raise IndexError(f"event {i} out of range for {x_true.shape[0]} events")
         i %= x_true.shape[0]
         s = draw(i, i + 1)[:, 0]
         mean, std, t = s.mean(0), s.std(0), x_true[i]
-        lines = [f"event {i}", f"  atom  {'true (bohr)':<26}  posterior mean ± std (bohr)"]
+        lines = [f"event {label}", f"  atom  {'true (bohr)':<26}  posterior mean ± std (bohr)"]
         for a, atom in enumerate(ATOMS):
             c = slice(3 * a, 3 * a + 3)
             true_xyz = ", ".join(f"{v:6.3f}" for v in t[c])
