@@ -441,14 +441,12 @@ def evaluate_run(
     np.savez(out / "calibration.npz", levels=levels, empirical=calibration)
     table = format_metrics_table(metrics)
     examples_text = (
-        example_events_table(example_samples, x_true[shown], range(len(shown)))
+        example_events_table(
+            example_samples, x_true[shown], range(len(shown)), labels=[int(i) for i in shown]
+        )
         if example_samples is not None
         else ""
     )
-    if len(shown):
-        # Number the examples by their index among the evaluated events.
-        for j, i in reversed(list(enumerate(shown))):
-            examples_text = examples_text.replace(f"event {j}\n", f"event {i}\n")
     _write_report(run, out, what, data_path, samples, metrics, table, examples_text, figures)
     return Evaluation(metrics, out, what, figures, examples_text, table)
 
