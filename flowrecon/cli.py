@@ -45,6 +45,31 @@ def _check_output_suffix(path: Path) -> None:
         )
 
 
+# Path types and options shared by several commands, each declared once.
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_DIRECTORY = click.Path(file_okay=False, path_type=Path)
+_RUN_OPTION = click.option(
+    "--run",
+    "run_dir",
+    type=_DIRECTORY,
+    required=True,
+    help="Run directory written by `flowrecon fit`.",
+)
+_SEED_OPTION = click.option("--seed", type=int, default=0, show_default=True)
+_DEVICE_OPTION = click.option("--device", default="auto", show_default=True)
+_SAMPLES_OPTION = click.option(
+    "--samples", type=click.IntRange(min=2), default=100, show_default=True
+)
+_DROP_INVALID_OPTION = click.option(
+    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
+)
+
+
+def _data_option(help_text: str) -> Callable:
+    """An optional ``--data`` file of events; only its help text differs between commands."""
+    return click.option("--data", type=_FILE, default=None, help=help_text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flowrecon")
 def main() -> None:
@@ -53,12 +78,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of events.")
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Output file, .parquet or .csv.",
-)
+@click.option("--out", type=_FILE, required=True, help="Output file, .parquet or .csv.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option(
     "--geometry",
@@ -163,22 +183,12 @@ def _training_options(func: Callable) -> Callable:
 @click.option(
     "--model", "model", default=None, help="Model or preset name (see `flowrecon models`)."
 )
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="CSV or Parquet with positions and momenta; default: the built-in simulated OCS set.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Run directory [default: runs/MODEL].",
-)
+@_data_option("CSV or Parquet with positions and momenta; default: the built-in simulated OCS set.")
+@click.option("--out", type=_DIRECTORY, default=None, help="Run directory [default: runs/MODEL].")
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_FILE,
     default=None,
     help="TOML configuration; options given on the command line override it.",
 )
@@ -214,9 +224,7 @@ def _training_options(func: Callable) -> Callable:
 )
 @click.option("--seed", type=int, default=None, help="Seed of split, initialisation, batches.")
 @click.option("--device", default=None, help="auto, cpu or cuda [default: auto].")
-@click.option(
-    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
-)
+@_DROP_INVALID_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @_friendly_errors
 def fit(
@@ -334,38 +342,19 @@ def models(details: str | None) -> None:
             click.echo(f"  {p['name']:<{width}}{p['description']}")
 
 
-_RUN_OPTION = click.option(
-    "--run",
-    "run_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Run directory written by `flowrecon fit`.",
-)
-
-
 @main.command()
 @_RUN_OPTION
+@_data_option("Test data with positions and momenta [default: the run's own held-out test split].")
+@_SAMPLES_OPTION
 @click.option(
-    "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Test data with positions and momenta [default: the run's own held-out test split].",
-)
-@click.option("--samples", type=click.IntRange(min=2), default=100, show_default=True)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output directory [default: the run directory].",
+    "--out", type=_DIRECTORY, default=None, help="Output directory [default: the run directory]."
 )
 @click.option(
     "--max-events", type=click.IntRange(min=1), default=None, help="Evaluate at most N events."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
-)
+@_SEED_OPTION
+@_DEVICE_OPTION
+@_DROP_INVALID_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar or printed tables.")
 @_friendly_errors
 def evaluate(
@@ -405,7 +394,7 @@ def evaluate(
 @_RUN_OPTION
 @click.option(
     "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_FILE,
     required=True,
     help="CSV or Parquet with the momentum columns (positions not needed).",
 )
@@ -419,15 +408,13 @@ def evaluate(
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=_FILE,
     required=True,
     help="Output .parquet or .csv: columns event, sample, cx ... sz.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--drop-invalid", is_flag=True, help="Drop rows with invalid values, reporting how many."
-)
+@_SEED_OPTION
+@_DEVICE_OPTION
+@_DROP_INVALID_OPTION
 @click.option("--quiet", is_flag=True)
 @_friendly_errors
 def sample(
@@ -451,25 +438,15 @@ def sample(
 
 @main.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option(
-    "--data",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="CSV or Parquet; default: the built-in simulated OCS set.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/compare"),
-    show_default=True,
-)
+@_data_option("CSV or Parquet; default: the built-in simulated OCS set.")
+@click.option("--out", type=_DIRECTORY, default=Path("runs/compare"), show_default=True)
 @_training_options
-@click.option("--samples", type=click.IntRange(min=2), default=100, show_default=True)
+@_SAMPLES_OPTION
 @click.option(
     "--frame", type=click.Choice(["momentum", "lab"]), default="momentum", show_default=True
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_SEED_OPTION
+@_DEVICE_OPTION
 @click.option("--quiet", is_flag=True)
 @_friendly_errors
 def compare(

@@ -1,25 +1,57 @@
-"""Shared network constructors: activations by name, MLPs and FrEIA-style subnets.
+"""Shared network constructors and argument checks of the model builders.
 
-Every backend builds its networks from these so that ``activation="elu"`` means the same
-thing everywhere and a typo fails with the list of valid names.
+Every backend builds its networks and checks its hyper-parameters with these, so that
+``activation="elu"`` means the same thing everywhere and a typo fails with the list of
+valid names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
+import torch
 from torch import nn
+
+_T = TypeVar("_T")
 
 #: Activation name -> module class. Keys are what users type (``activation="gelu"``).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
     "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
 }
+
+
+def choose(name: str, value: str, options: Mapping[str, _T]) -> _T:
+    """Looks a string hyper-parameter up, with an error that lists the valid choices.
+
+    Example:
+        >>> choose("permute", "flip", {"random": 0, "flip": 1})
+        1
+        >>> choose("permute", "flop", {"random": 0, "flip": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown permute='flop'; valid choices: 'random', 'flip'
+    """
+    if value not in options:
+        valid = ", ".join(repr(key) for key in options)
+        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
+    return options[value]
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The activation module class from its name, in any case (see `ACTIVATIONS`).
+
+    Example:
+        >>> activation_class("GELU")
+        <class 'torch.nn.modules.activation.GELU'>
+    """
+    return choose("activation", name.lower() if isinstance(name, str) else name, ACTIVATIONS)
 
 
 def activation(name: str) -> nn.Module:
@@ -29,17 +61,69 @@ def activation(name: str) -> nn.Module:
         >>> activation("elu")
         ELU(alpha=1.0)
     """
-    try:
-        return ACTIVATIONS[name.lower()]()
-    except (KeyError, AttributeError):
-        valid = ", ".join(sorted(ACTIVATIONS))
-        raise ValueError(f"unknown activation {name!r}; choose one of: {valid}") from None
+    return activation_class(name)()
+
+
+def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation as a plain function, for code that calls it (nflows' MADE).
+
+    A bound ``forward`` rather than a module, so that it is not registered as a submodule.
+
+    Example:
+        >>> activation_function("relu")(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
+    return activation(name).forward
 
 
 def check_activation(name: str) -> str:
     """Returns the normalised activation name or raises the same error as `activation`."""
-    activation(name)
+    activation_class(name)
     return name.lower()
+
+
+def check_conditional_dims(model: str, x_dim: int, y_dim: int) -> None:
+    """Checks that a conditional model has a non-empty x and a non-empty condition y.
+
+    Example:
+        >>> check_conditional_dims("zuko-maf", 3, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: zuko-maf is conditional and needs y_dim >= 1, got y_dim=0
+    """
+    if x_dim < 1:
+        raise ValueError(f"{model} needs x_dim >= 1, got x_dim={x_dim}")
+    if y_dim < 1:
+        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
+
+
+def check_at_least(**values: float | tuple[float, float]) -> None:
+    """Checks numeric hyper-parameters; a tuple value is (value, minimum), default 1.
+
+    Example:
+        >>> check_at_least(blocks=4, subnet_layers=(0, 0), bins=(1, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: bins must be >= 2, got 1
+    """
+    for name, spec in values.items():
+        value, minimum = spec if isinstance(spec, tuple) else (spec, 1)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_positive(**values: float) -> None:
+    """Checks that hyper-parameters are strictly positive (NaN is not).
+
+    Example:
+        >>> check_positive(clamp=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: clamp must be > 0, got 0.0
+    """
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def mlp(
@@ -88,14 +172,16 @@ def subnet_constructor(
 ) -> Callable[[int, int], nn.Module]:
     """A FrEIA-style ``subnet_constructor(dims_in, dims_out)`` of constant width.
 
+    ``num_layers`` hidden layers of width ``hidden`` (none: a linear map); with
+    ``zero_last`` the last layer starts at zero, so a coupling block starts as the identity.
+
     Example:
         >>> make_subnet = subnet_constructor(64, 2, "relu")
         >>> make_subnet(4, 8)[-1].out_features
         8
     """
     check_activation(activation_name)
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    check_at_least(num_layers=(num_layers, 0))
 
     def construct(dims_in: int, dims_out: int) -> nn.Module:
         return mlp(dims_in, dims_out, [hidden] * num_layers, activation_name, zero_last=zero_last)

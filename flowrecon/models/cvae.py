@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowrecon.models._estimator import Estimator
-from flowrecon.nn import check_activation, mlp
+from flowrecon.nn import check_activation, check_at_least, choose, mlp
 
 LATENT_SAMPLING = ("prior", "train_stats")
 
@@ -116,19 +116,11 @@ def build_cvae(
         torch.Size([5, 7, 3])
     """
     check_activation(activation)
-    if latent_sampling not in LATENT_SAMPLING:
-        raise ValueError(
-            f"latent_sampling must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}"
-        )
-    for key, value in (
-        ("hidden_dim", hidden_dim),
-        ("num_layers", num_layers),
-        ("latent_dim", latent_dim),
-    ):
-        if int(value) < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value}")
-    if beta < 0:
-        raise ValueError(f"beta must be non-negative, got {beta}")
+    choose("latent_sampling", latent_sampling, dict.fromkeys(LATENT_SAMPLING))
+    check_at_least(
+        hidden_dim=int(hidden_dim), num_layers=int(num_layers), latent_dim=int(latent_dim)
+    )
+    check_at_least(beta=(beta, 0))
     return CVAE(
         x_dim,
         y_dim,

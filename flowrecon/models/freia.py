@@ -12,8 +12,7 @@ standard normal density.
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
@@ -22,15 +21,15 @@ import torch
 from torch import nn
 
 from flowrecon.models._estimator import Estimator
+from flowrecon.nn import (
+    check_at_least,
+    check_conditional_dims,
+    check_positive,
+    choose,
+    mlp,
+    subnet_constructor,
+)
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-}
 _COUPLINGS: dict[str, type[Fm.InvertibleModule]] = {
     # two-sided, one subnet predicts (s, t) for each half
     "glow": Fm.GLOWCouplingBlock,
@@ -39,12 +38,10 @@ _COUPLINGS: dict[str, type[Fm.InvertibleModule]] = {
     # two-sided, separate subnets for s and t
     "rnvp": Fm.RNVPCouplingBlock,
 }
-_PERMUTATIONS = ("random", "flip")
 _CLAMP_ACTIVATIONS = {"atan": "ATAN", "tanh": "TANH", "sigmoid": "SIGMOID"}
 _GLOBAL_AFFINE_TYPES = {"softplus": "SOFTPLUS", "sigmoid": "SIGMOID", "exp": "EXP"}
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_T = TypeVar("_T")
 
 
 class ReversePermutation(Fm.InvertibleModule):
@@ -68,6 +65,13 @@ class ReversePermutation(Fm.InvertibleModule):
 
     def output_dims(self, input_dims: list[tuple[int]]) -> list[tuple[int]]:
         return input_dims
+
+
+_PERMUTATIONS: dict[str, type[Fm.InvertibleModule]] = {
+    # a fixed random permutation per block
+    "random": Fm.PermuteRandom,
+    "flip": ReversePermutation,
+}
 
 
 class FrEIAFlow(Estimator):
@@ -165,36 +169,29 @@ def build_cinn(
         >>> flow.sample(5, torch.zeros(4, 2)).shape
         torch.Size([5, 4, 3])
     """
-    _check_dims("freia-cinn", x_dim, y_dim)
-    _check_sizes(blocks=blocks, hidden=hidden, subnet_layers=(subnet_layers, 0))
-    _check_sizes(cond_hidden=(cond_hidden, 0))
-    _check_positive(clamp=clamp)
-    coupling_block = _choose("coupling", coupling, _COUPLINGS)
-    _choose("permute", permute, dict.fromkeys(_PERMUTATIONS))
-    clamp_fn = _choose("clamp_activation", clamp_activation, _CLAMP_ACTIVATIONS)
-    act = _choose("activation", activation, _ACTIVATIONS)
-
-    condition_net, cond_dim = _condition_net(y_dim, cond_hidden, act)
-    inn = Ff.SequenceINN(x_dim)
-    with _seeded_numpy(permutation_seed):
-        for _ in range(blocks):
-            inn.append(
-                coupling_block,
-                cond=0,
-                cond_shape=(cond_dim,),
-                subnet_constructor=_subnet_constructor(hidden, subnet_layers, act),
-                clamp=clamp,
-                clamp_activation=clamp_fn,
-                # The passive part is the smaller half, so a one-sided block transforms
-                # ceil(D/2) features and, with flips, every feature is transformed
-                # (FrEIA's default round(D/2) leaves the middle of D = 3, 7, ... untouched).
-                split_len=x_dim // 2,
-            )
-            if permute == "flip":
-                inn.append(ReversePermutation)
-            else:
-                inn.append(Fm.PermuteRandom)
-    return FrEIAFlow(x_dim, y_dim, inn, condition_net)
+    _check_common("freia-cinn", x_dim, y_dim, blocks, hidden, subnet_layers, cond_hidden)
+    check_positive(clamp=clamp)
+    coupling_block = choose("coupling", coupling, _COUPLINGS)
+    permutation = choose("permute", permute, _PERMUTATIONS)
+    clamp_fn = choose("clamp_activation", clamp_activation, _CLAMP_ACTIVATIONS)
+    return _build(
+        x_dim,
+        y_dim,
+        coupling_block,
+        permutation,
+        blocks=blocks,
+        hidden=hidden,
+        subnet_layers=subnet_layers,
+        activation=activation,
+        cond_hidden=cond_hidden,
+        permutation_seed=permutation_seed,
+        clamp=clamp,
+        clamp_activation=clamp_fn,
+        # The passive part is the smaller half, so a one-sided block transforms
+        # ceil(D/2) features and, with flips, every feature is transformed
+        # (FrEIA's default round(D/2) leaves the middle of D = 3, 7, ... untouched).
+        split_len=x_dim // 2,
+    )
 
 
 def build_allinone(
@@ -237,36 +234,65 @@ def build_allinone(
         >>> flow.log_prob(torch.zeros(4, 3), torch.zeros(4, 2)).shape
         torch.Size([4])
     """
-    _check_dims("freia-allinone", x_dim, y_dim)
-    _check_sizes(blocks=blocks, hidden=hidden, subnet_layers=(subnet_layers, 0))
-    _check_sizes(cond_hidden=(cond_hidden, 0))
-    _check_positive(clamp=clamp, global_affine_init=global_affine_init)
-    affine_type = _choose("global_affine_type", global_affine_type, _GLOBAL_AFFINE_TYPES)
+    _check_common("freia-allinone", x_dim, y_dim, blocks, hidden, subnet_layers, cond_hidden)
+    check_positive(clamp=clamp, global_affine_init=global_affine_init)
+    affine_type = choose("global_affine_type", global_affine_type, _GLOBAL_AFFINE_TYPES)
     if affine_type == "SIGMOID" and global_affine_init >= 10.0:
         # FrEIA's sigmoid global scale is 10 * sigmoid(.), so it cannot start at >= 10.
         raise ValueError(
             f"global_affine_init must be < 10 with global_affine_type='sigmoid', "
             f"got {global_affine_init}"
         )
-    act = _choose("activation", activation, _ACTIVATIONS)
+    return _build(
+        x_dim,
+        y_dim,
+        Fm.AllInOneBlock,
+        None,
+        blocks=blocks,
+        hidden=hidden,
+        subnet_layers=subnet_layers,
+        activation=activation,
+        cond_hidden=cond_hidden,
+        permutation_seed=permutation_seed,
+        affine_clamping=clamp,
+        global_affine_init=global_affine_init,
+        global_affine_type=affine_type,
+        permute_soft=permute_soft,
+        reverse_permutation=reverse_permutation,
+    )
 
-    condition_net, cond_dim = _condition_net(y_dim, cond_hidden, act)
+
+def _build(
+    x_dim: int,
+    y_dim: int,
+    block: type[Fm.InvertibleModule],
+    permutation: type[Fm.InvertibleModule] | None,
+    *,
+    blocks: int,
+    hidden: int,
+    subnet_layers: int,
+    activation: str,
+    cond_hidden: int,
+    permutation_seed: int,
+    **block_options: object,
+) -> Estimator:
+    """Stacks ``blocks`` x (``block``, then ``permutation`` unless None) into a `FrEIAFlow`.
+
+    Every ``block`` gets the same y embedding as its condition, subnets of ``subnet_layers``
+    hidden layers of width ``hidden`` whose last layer starts at zero, and ``block_options``.
+    """
+    subnet = subnet_constructor(hidden, subnet_layers, activation, zero_last=True)
+    condition_net, cond_dim = _condition_net(y_dim, cond_hidden, activation)
     inn = Ff.SequenceINN(x_dim)
-    # AllInOneBlock draws its permutation from numpy's global generator: seed it here
+    # FrEIA draws its random permutations from numpy's global generator: seed it here
     # (and restore it afterwards) so that building a model is reproducible.
     with _seeded_numpy(permutation_seed):
         for _ in range(blocks):
             inn.append(
-                Fm.AllInOneBlock,
-                cond=0,
-                cond_shape=(cond_dim,),
-                subnet_constructor=_subnet_constructor(hidden, subnet_layers, act),
-                affine_clamping=clamp,
-                global_affine_init=global_affine_init,
-                global_affine_type=affine_type,
-                permute_soft=permute_soft,
-                reverse_permutation=reverse_permutation,
+                block, cond=0, cond_shape=(cond_dim,), subnet_constructor=subnet, **block_options
             )
+            if permutation is not None:
+                inn.append(permutation)
     return FrEIAFlow(x_dim, y_dim, inn, condition_net)
 
 
@@ -284,35 +310,11 @@ def _frozen_parameters_to_buffers(module: nn.Module) -> None:
                 submodule.register_buffer(name, param.detach())
 
 
-def _subnet_constructor(
-    hidden: int, layers: int, activation: type[nn.Module]
-) -> Callable[[int, int], nn.Module]:
-    """FrEIA's ``subnet_constructor(dims_in, dims_out)``: an MLP whose last layer is zero."""
-
-    def construct(dims_in: int, dims_out: int) -> nn.Module:
-        widths = [dims_in] + [hidden] * layers
-        modules: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
-            modules += [nn.Linear(width_in, width_out), activation()]
-        last = nn.Linear(widths[-1], dims_out)
-        # Zero scale and shift: every block starts as the identity.
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        return nn.Sequential(*modules, last)
-
-    return construct
-
-
-def _condition_net(
-    y_dim: int, cond_hidden: int, activation: type[nn.Module]
-) -> tuple[nn.Module, int]:
+def _condition_net(y_dim: int, cond_hidden: int, activation: str) -> tuple[nn.Module, int]:
     """The y embedding shared by all blocks and the width of its output."""
     if cond_hidden == 0:
         return nn.Identity(), y_dim
-    net = nn.Sequential(
-        nn.Linear(y_dim, cond_hidden), activation(), nn.Linear(cond_hidden, cond_hidden)
-    )
-    return net, cond_hidden
+    return mlp(y_dim, cond_hidden, [cond_hidden], activation), cond_hidden
 
 
 @contextlib.contextmanager
@@ -331,34 +333,25 @@ def _seeded_numpy(seed: int) -> Iterator[None]:
         np.random.set_state(state)  # noqa: NPY002
 
 
-def _check_dims(model: str, x_dim: int, y_dim: int) -> None:
+def _check_common(
+    model: str,
+    x_dim: int,
+    y_dim: int,
+    blocks: int,
+    hidden: int,
+    subnet_layers: int,
+    cond_hidden: int,
+) -> None:
     if x_dim < 2:
         raise ValueError(
             f"{model} needs x_dim >= 2 (its coupling blocks split x into two non-empty "
             f"halves), got x_dim={x_dim}; for one-dimensional x use zuko-maf, zuko-nsf, "
             f"nflows-maf or nflows-nsf"
         )
-    if y_dim < 1:
-        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
-
-
-def _check_sizes(**sizes: int | tuple[int, int]) -> None:
-    """Checks integer hyper-parameters; a tuple value is (value, minimum), default 1."""
-    for name, spec in sizes.items():
-        value, minimum = spec if isinstance(spec, tuple) else (spec, 1)
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _choose(name: str, value: str, options: dict[str, _T]) -> _T:
-    """Looks a string hyper-parameter up, with an error that lists the valid choices."""
-    if value not in options:
-        valid = ", ".join(repr(key) for key in options)
-        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
-    return options[value]
+    check_conditional_dims(model, x_dim, y_dim)
+    check_at_least(
+        blocks=blocks,
+        hidden=hidden,
+        subnet_layers=(subnet_layers, 0),
+        cond_hidden=(cond_hidden, 0),
+    )

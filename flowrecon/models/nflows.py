@@ -8,10 +8,8 @@ adapter always passes y).
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
 from nflows.transforms.autoregressive import (
@@ -22,18 +20,7 @@ from nflows.transforms.base import CompositeTransform, Transform
 from nflows.transforms.permutations import ReversePermutation
 
 from flowrecon.models._estimator import Estimator
-
-_T = TypeVar("_T")
-
-# MADE calls its activation as a function.
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,
-    "elu": F.elu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
+from flowrecon.nn import activation_function, check_at_least, check_conditional_dims, check_positive
 
 
 class NflowsFlow(Estimator):
@@ -99,18 +86,12 @@ def build_maf(
         >>> flow.sample(5, torch.zeros(4, 2)).shape
         torch.Size([5, 4, 3])
     """
-    _check_common("nflows-maf", x_dim, y_dim, transforms, hidden, residual_blocks, dropout)
-    act = _choose("activation", activation, _ACTIVATIONS)
+    made = _made_kwargs(
+        "nflows-maf", x_dim, y_dim, transforms, hidden, residual_blocks, activation, dropout
+    )
 
     def layer() -> Transform:
-        transform = MaskedAffineAutoregressiveTransform(
-            features=x_dim,
-            hidden_features=hidden,
-            context_features=y_dim,
-            num_blocks=residual_blocks,
-            activation=act,
-            dropout_probability=dropout,
-        )
+        transform = MaskedAffineAutoregressiveTransform(**made)
         _start_as_identity(transform)
         return transform
 
@@ -149,24 +130,15 @@ def build_nsf(
         >>> flow.log_prob(torch.zeros(4, 3), torch.zeros(4, 2)).shape
         torch.Size([4])
     """
-    _check_common("nflows-nsf", x_dim, y_dim, transforms, hidden, residual_blocks, dropout)
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
-    if not tail_bound > 0:
-        raise ValueError(f"tail_bound must be > 0, got {tail_bound}")
-    act = _choose("activation", activation, _ACTIVATIONS)
+    made = _made_kwargs(
+        "nflows-nsf", x_dim, y_dim, transforms, hidden, residual_blocks, activation, dropout
+    )
+    check_at_least(bins=(bins, 2))
+    check_positive(tail_bound=tail_bound)
 
     def layer() -> Transform:
         return MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
-            features=x_dim,
-            hidden_features=hidden,
-            context_features=y_dim,
-            num_bins=bins,
-            tails="linear",
-            tail_bound=tail_bound,
-            num_blocks=residual_blocks,
-            activation=act,
-            dropout_probability=dropout,
+            **made, num_bins=bins, tails="linear", tail_bound=tail_bound
         )
 
     return NflowsFlow(x_dim, y_dim, _flow(x_dim, transforms, layer))
@@ -200,33 +172,30 @@ def _flow(x_dim: int, transforms: int, layer: Callable[[], Transform]) -> Flow:
     return Flow(CompositeTransform(steps), StandardNormal([x_dim]))
 
 
-def _check_common(
+def _made_kwargs(
     model: str,
     x_dim: int,
     y_dim: int,
     transforms: int,
     hidden: int,
     residual_blocks: int,
+    activation: str,
     dropout: float,
-) -> None:
-    if x_dim < 1:
-        raise ValueError(f"{model} needs x_dim >= 1, got x_dim={x_dim}")
-    if y_dim < 1:
-        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
-    for name, value in (
-        ("transforms", transforms),
-        ("hidden", hidden),
-        ("residual_blocks", residual_blocks),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+) -> dict[str, object]:
+    """Checks the hyper-parameters both flows share; returns the keywords of their MADE layers.
+
+    ``transforms`` is only checked here: `_flow` stacks that many layers.
+    """
+    check_conditional_dims(model, x_dim, y_dim)
+    check_at_least(transforms=transforms, hidden=hidden, residual_blocks=residual_blocks)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-
-
-def _choose(name: str, value: str, options: dict[str, _T]) -> _T:
-    """Looks a string hyper-parameter up, with an error that lists the valid choices."""
-    if value not in options:
-        valid = ", ".join(repr(key) for key in options)
-        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
-    return options[value]
+    return {
+        "features": x_dim,
+        "hidden_features": hidden,
+        "context_features": y_dim,
+        "num_blocks": residual_blocks,
+        # MADE calls its activation as a function.
+        "activation": activation_function(activation),
+        "dropout_probability": dropout,
+    }

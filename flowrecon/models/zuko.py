@@ -6,26 +6,11 @@ includes the base constant. With ``x_dim == 1`` zuko replaces the autoregressive
 coupling layers by element-wise transforms whose parameters depend on y only.
 """
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 import zuko
-from torch import nn
 
 from flowrecon.models._estimator import Estimator
-
-_T = TypeVar("_T")
-
-# zuko's MLPs take activation constructors.
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-}
+from flowrecon.nn import activation_class, check_at_least, check_conditional_dims
 
 
 class ZukoFlow(Estimator):
@@ -90,18 +75,9 @@ def build_nsf(
         >>> flow.sample(5, torch.zeros(4, 2)).shape
         torch.Size([5, 4, 3])
     """
-    _check_common("zuko-nsf", x_dim, y_dim, transforms, hidden, hidden_layers)
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
-    flow = zuko.flows.NSF(
-        features=x_dim,
-        context=y_dim,
-        transforms=transforms,
-        bins=bins,
-        randperm=randperm,
-        **_mlp_kwargs(hidden, hidden_layers, activation),
-    )
-    return ZukoFlow(x_dim, y_dim, flow)
+    kwargs = _flow_kwargs("zuko-nsf", x_dim, y_dim, transforms, hidden, hidden_layers, activation)
+    check_at_least(bins=(bins, 2))
+    return ZukoFlow(x_dim, y_dim, zuko.flows.NSF(**kwargs, bins=bins, randperm=randperm))
 
 
 def build_maf(
@@ -131,15 +107,8 @@ def build_maf(
         >>> flow.log_prob(torch.zeros(4, 3), torch.zeros(4, 2)).shape
         torch.Size([4])
     """
-    _check_common("zuko-maf", x_dim, y_dim, transforms, hidden, hidden_layers)
-    flow = zuko.flows.MAF(
-        features=x_dim,
-        context=y_dim,
-        transforms=transforms,
-        randperm=randperm,
-        **_mlp_kwargs(hidden, hidden_layers, activation),
-    )
-    return ZukoFlow(x_dim, y_dim, flow)
+    kwargs = _flow_kwargs("zuko-maf", x_dim, y_dim, transforms, hidden, hidden_layers, activation)
+    return ZukoFlow(x_dim, y_dim, zuko.flows.MAF(**kwargs, randperm=randperm))
 
 
 def build_realnvp(
@@ -168,39 +137,29 @@ def build_realnvp(
         >>> flow.sample(5, torch.zeros(4, 2)).shape
         torch.Size([5, 4, 3])
     """
-    _check_common("zuko-realnvp", x_dim, y_dim, transforms, hidden, hidden_layers)
-    flow = zuko.flows.RealNVP(
-        features=x_dim,
-        context=y_dim,
-        transforms=transforms,
-        randmask=randmask,
-        **_mlp_kwargs(hidden, hidden_layers, activation),
+    kwargs = _flow_kwargs(
+        "zuko-realnvp", x_dim, y_dim, transforms, hidden, hidden_layers, activation
     )
-    return ZukoFlow(x_dim, y_dim, flow)
+    return ZukoFlow(x_dim, y_dim, zuko.flows.RealNVP(**kwargs, randmask=randmask))
 
 
-def _mlp_kwargs(hidden: int, hidden_layers: int, activation: str) -> dict[str, object]:
-    act: Callable[[], nn.Module] = _choose("activation", activation, _ACTIVATIONS)
-    return {"hidden_features": [hidden] * hidden_layers, "activation": act}
-
-
-def _check_common(
-    model: str, x_dim: int, y_dim: int, transforms: int, hidden: int, hidden_layers: int
-) -> None:
-    if x_dim < 1:
-        raise ValueError(f"{model} needs x_dim >= 1, got x_dim={x_dim}")
-    if y_dim < 1:
-        raise ValueError(f"{model} is conditional and needs y_dim >= 1, got y_dim={y_dim}")
-    for name, value in (("transforms", transforms), ("hidden", hidden)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if hidden_layers < 0:
-        raise ValueError(f"hidden_layers must be >= 0, got {hidden_layers}")
-
-
-def _choose(name: str, value: str, options: dict[str, _T]) -> _T:
-    """Looks a string hyper-parameter up, with an error that lists the valid choices."""
-    if value not in options:
-        valid = ", ".join(repr(key) for key in options)
-        raise ValueError(f"unknown {name}={value!r}; valid choices: {valid}")
-    return options[value]
+def _flow_kwargs(
+    model: str,
+    x_dim: int,
+    y_dim: int,
+    transforms: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+) -> dict[str, object]:
+    """Checks the hyper-parameters every zuko flow shares; returns them as its keywords."""
+    check_conditional_dims(model, x_dim, y_dim)
+    check_at_least(transforms=transforms, hidden=hidden, hidden_layers=(hidden_layers, 0))
+    return {
+        "features": x_dim,
+        "context": y_dim,
+        "transforms": transforms,
+        "hidden_features": [hidden] * hidden_layers,
+        # zuko's MLPs take activation constructors.
+        "activation": activation_class(activation),
+    }

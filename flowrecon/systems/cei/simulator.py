@@ -233,6 +233,7 @@ def _explode_chunk(
     w: list[list[float]],
     settings: IntegratorSettings,
     compiled: bool,
+    general: bool = False,
 ) -> torch.Tensor:
     """Asymptotic momenta (B, 3, 3) for positions (B, 3, 3) and initial velocities."""
     r1, r2 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 0]
@@ -244,8 +245,9 @@ def _explode_chunk(
         centre_velocity = (masses[:, None] * v0).sum(1) / masses.sum()
 
     # Planar reduction: from rest without gradients (its basis is singular for exactly
-    # collinear atoms, harmless for values but not for derivatives).
-    planar = v0 is None and not x.requires_grad
+    # collinear atoms, harmless for values but not for derivatives, which forward-mode
+    # differentiation needs too: it sets general=True).
+    planar = v0 is None and not x.requires_grad and not general
     if planar:
         e_a, e_b = _plane_basis(r1, r2)
         b = [(r1 * e_a).sum(-1), (r1 * e_b).sum(-1), (r2 * e_a).sum(-1), (r2 * e_b).sum(-1)]
@@ -309,6 +311,7 @@ def asymptotic_momenta(
     chunk_size: int = 1 << 20,
     compile: bool | None = None,
     progress: bool = False,
+    general: bool = False,
 ) -> torch.Tensor | np.ndarray:
     """Final (t -> infinity) momenta of a Coulomb explosion of C, O and S ions.
 
@@ -322,6 +325,9 @@ def asymptotic_momenta(
         compile: fuse the integrator step with ``torch.compile``; ``None`` does so for
             CPU batches of 100,000 events or more that need no gradient.
         progress: show a progress bar over chunks.
+        general: integrate in 3-D even from rest (the planar shortcut is not
+            differentiable at exactly collinear geometries); set for forward-mode
+            derivatives, which ``requires_grad`` does not reveal.
 
     Returns:
         Momenta in a.u. with the shape of ``positions``: a numpy array for numpy input,
@@ -383,7 +389,7 @@ def asymptotic_momenta(
             # Repeat the last event: a valid geometry, so the padding stays finite.
             xc = torch.cat([xc, xc[-1:].expand(pad, 3, 3)])
             vc = None if vc is None else torch.cat([vc, vc[-1:].expand(pad, 3, 3)])
-        parts.append(_explode_chunk(xc, vc, m, k, w, settings, compile)[: stop - start])
+        parts.append(_explode_chunk(xc, vc, m, k, w, settings, compile, general)[: stop - start])
     p = torch.cat(parts) if parts else x.new_zeros((0, 3, 3))
     p = p.reshape(out_shape)
     return p.detach().cpu().numpy() if is_numpy else p
