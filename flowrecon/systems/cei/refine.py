@@ -155,7 +155,7 @@ def refine(
             break
         renew = active[stale[active]]
         # Reverse mode keeps the coarse graph of every event: bound it by chunks.
-        for chunk in renew.split(jacobian_chunk):
+        for chunk in renew.split(jacobian_chunk) if renew.numel() else ():
             jac[chunk] = _jacobian(q[chunk], com[chunk], m, charges)
         stale[renew] = False
         ja, ra = jac[active], r[active]

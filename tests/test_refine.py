@@ -1,0 +1,117 @@
+"""Refinement of geometries through the simulator, and the merge of duplicate solutions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flowrecon.systems.cei.geometry import sample_ocs
+from flowrecon.systems.cei.physics import remove_centre_of_mass
+from flowrecon.systems.cei.refine import distinct_solutions, refine
+from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _max_atom_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).reshape(-1, 3, 3).norm(dim=-1).max(1).values
+
+
+def test_refine_recovers_noise_free_geometries():
+    truth = sample_ocs(64, _gen(0))
+    momenta = asymptotic_momenta(truth)
+    noise = 0.03 * torch.randn(truth.shape, generator=_gen(1), dtype=torch.float64)
+    start = remove_centre_of_mass(truth + noise)  # posterior samples share the truth's COM
+    result = refine(start, momenta)
+    assert result.converged.float().mean() >= 0.95
+    ok = result.converged
+    assert (result.residual[ok] <= 1e-8).all()
+    assert (_max_atom_error(result.positions, truth)[ok] <= 1e-5).float().mean() >= 0.95
+    # The residual is what the full simulator says of the refined geometry.
+    check = asymptotic_momenta(result.positions[ok])
+    rel = (check - momenta[ok]).norm(dim=1) / momenta[ok].norm(dim=1)
+    np.testing.assert_allclose(rel, result.residual[ok], atol=1e-12)
+
+
+def test_refine_keeps_the_centre_of_mass_of_the_start():
+    truth = sample_ocs(4, _gen(2))
+    shift = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64).repeat(3)
+    result = refine(truth + shift + 0.01, asymptotic_momenta(truth))
+    assert result.converged.all()
+    assert torch.allclose(result.positions, truth + shift + 0.01, atol=1e-6)
+
+
+def test_refine_counts_iterations_and_stops_at_the_limit():
+    truth = sample_ocs(3, _gen(3))
+    momenta = asymptotic_momenta(truth)
+    result = refine(truth, momenta)  # already the answer
+    assert result.converged.all() and (result.iterations == 0).all()
+    far = refine(
+        truth + torch.randn(3, 9, generator=_gen(4), dtype=torch.float64), momenta, max_iter=1
+    )
+    assert (far.iterations <= 1).all()
+
+
+@pytest.mark.parametrize(
+    ("positions", "momenta", "message"),
+    [
+        (np.zeros((2, 9)), np.zeros((3, 9)), r"shape \(B, 9\)"),
+        (np.zeros((2, 8)), np.zeros((2, 8)), r"shape \(B, 9\)"),
+    ],
+)
+def test_refine_bad_shapes(positions, momenta, message):
+    with pytest.raises(ValueError, match=message):
+        refine(positions, momenta)
+
+
+# A bent, unequal-bond OCS geometry (r_CO 1.6, r_CS 3.6 bohr, 110 deg) and a second,
+# very different geometry (r_CO 4.12, r_CS 2.20 bohr, 24.8 deg) whose explosion gives the
+# same momenta: found by refining random starts, rounded to 1e-6 bohr.
+_ANGLE = math.radians(110)
+_GEOMETRY_A = [0.0, 0.0, 0.0, 1.6, 0.0, 0.0, 3.6 * math.cos(_ANGLE), 3.6 * math.sin(_ANGLE), 0.0]
+_GEOMETRY_B = [-2.026706, -0.898181, 0.0, 2.017218, -0.104998, 0.0, -0.247371, 0.388893, 0.0]
+
+
+def test_an_event_with_two_geometries_returns_both():
+    a = remove_centre_of_mass(torch.tensor([_GEOMETRY_A], dtype=torch.float64))
+    b = remove_centre_of_mass(torch.tensor([_GEOMETRY_B], dtype=torch.float64))
+    momenta = asymptotic_momenta(a)
+    # Posterior samples around both geometries, as a multi-modal posterior would give.
+    starts = torch.cat([a.expand(6, 9), b.expand(6, 9)])
+    starts = remove_centre_of_mass(
+        starts + 0.02 * torch.randn(starts.shape, generator=_gen(5), dtype=torch.float64)
+    )
+    result = refine(starts, momenta.expand(12, 9))
+    solutions = distinct_solutions(result.positions, result.residual, result.converged)
+    assert len(solutions) == 2
+    assert (solutions.residual <= 1e-8).all() and solutions.count.sum() == result.converged.sum()
+    found = torch.as_tensor(solutions.positions)
+    err_a = _max_atom_error(found, a.expand(2, 9))
+    err_b = _max_atom_error(found, b.expand(2, 9))
+    assert sorted([int(err_a.argmin()), int(err_b.argmin())]) == [0, 1]
+    assert err_a.min() < 1e-5 and err_b.min() < 1e-5
+    # Two genuinely different geometries: bonds differ by more than a bohr.
+    assert _max_atom_error(found[:1], found[1:]) > 1.0
+
+
+def test_distinct_solutions_merges_and_ignores_unconverged():
+    base = np.array(_GEOMETRY_A)
+    other = np.array(_GEOMETRY_B)
+    nudge = np.zeros(9)
+    nudge[3] = 1.0  # moves the O atom only (a move of all atoms would be a mere COM shift)
+    refined = np.stack([base, base + 1e-6 * nudge, other, base + 5e-5 * nudge, other + 0.5])
+    residual = np.array([1e-12, 2e-12, 3e-12, 1e-11, 1e-3])
+    converged = np.array([True, True, True, True, False])
+    sol = distinct_solutions(refined, residual, converged, merge_tol=1e-4)
+    assert sol.count.tolist() == [3, 1]  # ordered by how many samples reached each
+    np.testing.assert_array_equal(sol.positions[0], base)  # the best residual represents
+    assert sol.residual.tolist() == [1e-12, 3e-12]
+    tight = distinct_solutions(refined, residual, converged, merge_tol=2e-6)
+    assert tight.count.tolist() == [2, 1, 1]
+    none = distinct_solutions(refined, residual, np.zeros(5, dtype=bool))
+    assert len(none) == 0 and none.positions.shape == (0, 9)
