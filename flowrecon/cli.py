@@ -355,6 +355,18 @@ def models(details: str | None) -> None:
 @_SEED_OPTION
 @_DEVICE_OPTION
 @_DROP_INVALID_OPTION
+@click.option(
+    "--refine",
+    is_flag=True,
+    help="Also refine posterior samples through the simulator; report refined metrics too.",
+)
+@click.option(
+    "--refine-samples",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Samples per event that --refine refines.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or printed tables.")
 @_friendly_errors
 def evaluate(
@@ -366,6 +378,8 @@ def evaluate(
     seed: int,
     device: str,
     drop_invalid: bool,
+    refine: bool,
+    refine_samples: int,
     quiet: bool,
 ) -> None:
     """Evaluate a fitted run: metrics.json, figures and report.md (momenta in, positions out)."""
@@ -381,6 +395,8 @@ def evaluate(
         device=device,
         drop_invalid=drop_invalid,
         progress=_show_progress(quiet),
+        refine=refine,
+        refine_samples=refine_samples,
     )
     if not quiet:
         click.echo(f"evaluated {result.events}")
@@ -415,6 +431,11 @@ def evaluate(
 @_SEED_OPTION
 @_DEVICE_OPTION
 @_DROP_INVALID_OPTION
+@click.option(
+    "--refine",
+    is_flag=True,
+    help="Refine every sample through the simulator; adds residual, converged, solution.",
+)
 @click.option("--quiet", is_flag=True)
 @_friendly_errors
 def sample(
@@ -425,13 +446,16 @@ def sample(
     seed: int,
     device: str,
     drop_invalid: bool,
+    refine: bool,
     quiet: bool,
 ) -> None:
     """Draw posterior samples of the positions for every event of a momenta file."""
     from flowrecon.systems.cei.workflow import sample_run
 
     _check_output_suffix(out)
-    rows = sample_run(run_dir, data, out, n=n, seed=seed, device=device, drop_invalid=drop_invalid)
+    rows = sample_run(
+        run_dir, data, out, n=n, seed=seed, device=device, drop_invalid=drop_invalid, refine=refine
+    )
     if not quiet:
         click.echo(f"wrote {rows} rows ({n} samples an event) to {out}")
 

@@ -109,6 +109,7 @@ def test_distinct_solutions_merges_and_ignores_unconverged():
     converged = np.array([True, True, True, True, False])
     sol = distinct_solutions(refined, residual, converged, merge_tol=1e-4)
     assert sol.count.tolist() == [3, 1]  # ordered by how many samples reached each
+    assert sol.labels.tolist() == [0, 0, 1, 0, -1]
     np.testing.assert_array_equal(sol.positions[0], base)  # the best residual represents
     assert sol.residual.tolist() == [1e-12, 3e-12]
     tight = distinct_solutions(refined, residual, converged, merge_tol=2e-6)

@@ -29,7 +29,15 @@ import torch
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES
 from flowrecon.systems.cei.simulator import IntegratorSettings, asymptotic_momenta
 
-__all__ = ["JACOBIAN_SETTINGS", "RefineResult", "Solutions", "distinct_solutions", "refine"]
+__all__ = [
+    "JACOBIAN_SETTINGS",
+    "RefineResult",
+    "RefinedPosterior",
+    "Solutions",
+    "distinct_solutions",
+    "refine",
+    "refine_posterior",
+]
 
 #: The coarse grid used for Jacobians only.
 JACOBIAN_SETTINGS = IntegratorSettings(steps=12, sigma_end=7.0, grid_power=1.5)
@@ -195,11 +203,13 @@ class Solutions:
         positions: (S, 9) geometries, bohr, ordered by how many samples reached them.
         residual: (S,) relative momentum residual of each.
         count: (S,) how many refined samples converged to each.
+        labels: (K,) which solution each sample reached (-1: it did not converge).
     """
 
     positions: np.ndarray
     residual: np.ndarray
     count: np.ndarray
+    labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.count)
@@ -243,8 +253,97 @@ def distinct_solutions(
             members.append([i])
     order = np.argsort([-len(g) for g in members], kind="stable")
     best = [min(members[j], key=lambda i: res[i]) for j in order]
+    labels = np.full(len(original), -1, dtype=int)
+    for label, j in enumerate(order):
+        labels[members[j]] = label
     return Solutions(
         positions=original[best] if best else np.zeros((0, 9)),
         residual=res[best] if best else np.zeros(0),
         count=np.array([len(members[j]) for j in order], dtype=int),
+        labels=labels,
     )
+
+
+@dataclass(frozen=True)
+class RefinedPosterior:
+    """Refinement of K posterior samples for each of B events.
+
+    Attributes:
+        samples: refined samples (K, B, 9); unconverged ones are left where they ended.
+        residual: (K, B) relative momentum residuals.
+        converged: (K, B) flags.
+        best: (B, 9) each event's refined prediction: the solution most samples reached
+            (the raw posterior mean where none converged).
+        n_solutions: (B,) distinct solutions found per event.
+        seconds: wall time of the refinement.
+    """
+
+    samples: np.ndarray
+    residual: np.ndarray
+    converged: np.ndarray
+    best: np.ndarray
+    n_solutions: np.ndarray
+    seconds: float
+
+
+def refine_posterior(
+    samples: np.ndarray | torch.Tensor,
+    momenta: np.ndarray | torch.Tensor,
+    *,
+    charges: Sequence[float] = DEFAULT_CHARGES,
+    masses: Sequence[float] = MASSES,
+    tol: float = 1e-10,
+    merge_tol: float = 1e-4,
+    chunk_size: int = 1 << 17,
+    compile: bool | None = None,
+) -> RefinedPosterior:
+    """Refine K posterior samples per event and merge those that reach one geometry.
+
+    Args:
+        samples: posterior samples (K, B, 9), bohr (e.g. from ``model.sample``).
+        momenta: observed momenta (B, 9), a.u.
+        charges: ion charges (C, O, S).
+        masses: ion masses in electron masses.
+        tol: convergence tolerance of the relative momentum residual.
+        merge_tol: samples closer than this (bohr, every atom) are one solution.
+        chunk_size: samples refined together.
+        compile: see `asymptotic_momenta`.
+    """
+    import time
+
+    xs = np.asarray(torch.as_tensor(samples).cpu(), dtype=float)
+    p = np.asarray(torch.as_tensor(momenta).cpu(), dtype=float)
+    k, b = xs.shape[:2]
+    flat_x = xs.reshape(k * b, 9)
+    flat_p = np.broadcast_to(p, (k, b, 9)).reshape(k * b, 9)
+    out_x = np.empty_like(flat_x)
+    out_r = np.empty(k * b)
+    out_c = np.empty(k * b, dtype=bool)
+    t0 = time.perf_counter()
+    for start in range(0, k * b, chunk_size):
+        stop = min(start + chunk_size, k * b)
+        res = refine(
+            torch.from_numpy(flat_x[start:stop]),
+            torch.from_numpy(flat_p[start:stop]),
+            charges=charges,
+            masses=masses,
+            tol=tol,
+            compile=compile,
+        )
+        out_x[start:stop] = res.positions.cpu().numpy()
+        out_r[start:stop] = res.residual.cpu().numpy()
+        out_c[start:stop] = res.converged.cpu().numpy()
+    seconds = time.perf_counter() - t0
+    refined = out_x.reshape(k, b, 9)
+    residual = out_r.reshape(k, b)
+    converged = out_c.reshape(k, b)
+    best = xs.mean(0)
+    n_solutions = np.zeros(b, dtype=int)
+    for i in range(b):
+        if converged[:, i].any():
+            sol = distinct_solutions(
+                refined[:, i], residual[:, i], converged[:, i], masses=masses, merge_tol=merge_tol
+            )
+            best[i] = sol.positions[0]
+            n_solutions[i] = len(sol)
+    return RefinedPosterior(refined, residual, converged, best, n_solutions, seconds)
