@@ -367,6 +367,23 @@ def models(details: str | None) -> None:
     show_default=True,
     help="Samples per event that --refine refines.",
 )
+@click.option(
+    "--weights",
+    is_flag=True,
+    help="Also importance-weight the samples by the noise model and prior; weighted coverage.",
+)
+@click.option(
+    "--noise",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Relative momentum resolution for --weights [default: the built-in data set's].",
+)
+@click.option(
+    "--prior",
+    type=click.Choice(["ocs", "flat"]),
+    default=None,
+    help="Geometry prior for --weights [default: ocs for the built-in data, else flat].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or printed tables.")
 @_friendly_errors
 def evaluate(
@@ -380,6 +397,9 @@ def evaluate(
     drop_invalid: bool,
     refine: bool,
     refine_samples: int,
+    weights: bool,
+    noise: float | None,
+    prior: str | None,
     quiet: bool,
 ) -> None:
     """Evaluate a fitted run: metrics.json, figures and report.md (momenta in, positions out)."""
@@ -397,6 +417,9 @@ def evaluate(
         progress=_show_progress(quiet),
         refine=refine,
         refine_samples=refine_samples,
+        weights=weights,
+        noise=noise,
+        prior=prior,
     )
     if not quiet:
         click.echo(f"evaluated {result.events}")

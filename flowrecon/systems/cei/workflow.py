@@ -329,6 +329,9 @@ def evaluate_run(
     progress: bool = False,
     refine: bool = False,
     refine_samples: int = 8,
+    weights: bool = False,
+    noise: float | None = None,
+    prior: str | None = None,
 ) -> Evaluation:
     """Evaluate a fitted run on test events: metrics.json, figures and report.md.
 
@@ -352,6 +355,15 @@ def evaluate_run(
             simulator (`flowrecon.systems.cei.refine`) and report the refined
             predictions' metrics beside the raw ones, under ``refined_`` keys.
         refine_samples: Samples per event that are refined.
+        weights: Also weight the posterior samples by the likelihood of the observed
+            momenta under the detector noise model and the prior, over the model's own
+            density (importance weights, `flowrecon.systems.cei.likelihood`), and report
+            the weighted posterior's coverage and effective sample size under
+            ``weighted_`` keys. Needs a model with a density.
+        noise: Relative momentum resolution of the data; default the run's built-in
+            data set's.
+        prior: ``"ocs"`` (the simulated OCS geometry distribution) or ``"flat"``;
+            default ``"ocs"`` for the built-in data set, else ``"flat"``.
     """
     import time
 
@@ -367,6 +379,16 @@ def evaluate_run(
     if samples < 2:
         raise ValueError(f"need at least 2 posterior samples per event, got {samples}")
     run = load_run(run_dir, device=device)
+    builtin = run.config.get("data", {}).get("builtin")
+    if weights:
+        if not run.model.has_density:
+            raise ValueError(
+                f"weights need a model with a density; {run.config.get('model')} has none"
+            )
+        noise = noise if noise is not None else (builtin or {}).get("momentum_noise")
+        if not noise:
+            raise ValueError("weights need the data's momentum noise: give --noise SIGMA (> 0)")
+        prior = prior or ("ocs" if builtin and builtin.get("geometry") == "ocs" else "flat")
     out = Path(out) if out is not None else run.directory
     out.mkdir(parents=True, exist_ok=True)
     x_true, p_obs, what, data_path = _events_to_evaluate(run, data, drop_invalid)
@@ -385,6 +407,7 @@ def evaluate_run(
     post_mean = np.empty_like(x_true)
     k_refine = min(refine_samples, samples) if refine else 0
     refine_starts = np.empty((k_refine, n_events, 9))
+    weighted = {"hits50": 0.0, "hits90": 0.0, "ess": [], "mean": np.empty_like(x_true)}
     hits = np.zeros_like(levels)
     kept: dict[int, np.ndarray] = {}
     timing = {"seconds": 0.0, "draws": 0}
@@ -401,6 +424,8 @@ def evaluate_run(
         timing["draws"] += xs.shape[0] * xs.shape[1]
         post_mean[start:stop] = xs.mean(0)
         refine_starts[:, start:stop] = xs[:k_refine]
+        if weights:
+            _weigh_chunk(weighted, model, xs, x_true, p_obs, start, stop, noise, prior, charges)
         _, empirical = coverage_curve(xs, x_true[start:stop], levels)
         hits[:] += empirical * (stop - start)
         for i in shown[(shown >= start) & (shown < stop)]:
@@ -424,6 +449,20 @@ def evaluate_run(
     metrics["sampling_samples_per_s"] = timing["draws"] / max(timing["seconds"], 1e-12)
     if refine:
         metrics.update(_refined_metrics(refine_starts, x_true, p_obs, charges, resim_max_events))
+    if weights:
+        ess = np.concatenate(weighted["ess"])
+        w_err = np.linalg.norm((weighted["mean"] - x_true).reshape(-1, 3, 3), axis=-1)
+        metrics.update(
+            {
+                "weighted_coverage_50": weighted["hits50"] / n_events,
+                "weighted_coverage_90": weighted["hits90"] / n_events,
+                "weighted_ade": float(w_err.mean()),
+                "weights_ess_median": float(np.median(ess)),
+                "weights_ess_mean": float(ess.mean()),
+                "weights_noise": float(noise),
+                "weights_prior": prior,
+            }
+        )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     calibration = hits / max(n_events, 1)
@@ -453,6 +492,13 @@ def evaluate_run(
     table = format_metrics_table(metrics)
     if refine:
         table += "\n" + _format_refined(metrics)
+    if weights:
+        table += (
+            f"\nImportance-weighted posterior (noise {noise:g}, prior {prior}): coverage_50 "
+            f"{metrics['weighted_coverage_50']:.3f}, coverage_90 "
+            f"{metrics['weighted_coverage_90']:.3f}, ade {metrics['weighted_ade']:.4g} bohr, "
+            f"effective sample size median {metrics['weights_ess_median']:.1f} of {samples}"
+        )
     examples_text = (
         example_events_table(
             example_samples, x_true[shown], range(len(shown)), labels=[int(i) for i in shown]
@@ -462,6 +508,21 @@ def evaluate_run(
     )
     _write_report(run, out, what, data_path, samples, metrics, table, examples_text, figures)
     return Evaluation(metrics, out, what, figures, examples_text, table)
+
+
+def _weigh_chunk(acc, model, xs, x_true, p_obs, start, stop, noise, prior, charges) -> None:
+    """Importance-weight one chunk of posterior samples and accumulate its summaries."""
+    from flowrecon.evaluation.weights import weighted_coverage
+    from flowrecon.systems.cei.likelihood import posterior_weights
+
+    b = stop - start
+    log_q = model.log_prob(xs, np.broadcast_to(p_obs[start:stop], xs.shape))
+    w = posterior_weights(xs, p_obs[start:stop], log_q, noise, prior=prior, charges=charges)
+    truth = x_true[start:stop]
+    acc["hits50"] += weighted_coverage(xs, w.weights, truth, 0.5) * b
+    acc["hits90"] += weighted_coverage(xs, w.weights, truth, 0.9) * b
+    acc["ess"].append(w.ess)
+    acc["mean"][start:stop] = np.einsum("kb,kbd->bd", w.weights, xs)
 
 
 #: Point metrics reported for refined predictions (with a ``refined_`` prefix).
