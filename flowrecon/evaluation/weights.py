@@ -58,9 +58,9 @@ def weighted_quantile(samples, weights, q) -> np.ndarray:
         q: quantile levels, shape (L,).
 
     Returns:
-        (L, B, D), interpolating the weighted empirical distribution function at the
-        midpoints of each sample's weight (for equal weights the Weibull-like
-        ``(k - 0.5) / K`` positions).
+        (L, B, D), interpolating the weighted empirical distribution function, with
+        cumulative weights scaled by ESS / (ESS + 1) (for equal weights the Weibull
+        positions k / (K + 1), as in `flowrecon.evaluation.metrics.coverage_curve`).
     """
     x = to_numpy(samples, "samples")
     w = to_numpy(weights, "weights")
@@ -70,7 +70,10 @@ def weighted_quantile(samples, weights, q) -> np.ndarray:
     order = np.argsort(x, axis=0)
     xs = np.take_along_axis(x, order, axis=0)
     ws = np.take_along_axis(np.broadcast_to(w[:, :, None], x.shape), order, axis=0)
-    cdf = np.cumsum(ws, axis=0) - 0.5 * ws
+    # Plotting positions k / (n + 1) with n the effective sample size: for equal weights
+    # exactly the Weibull positions of the unweighted coverage, so the two agree.
+    ess = 1.0 / np.sum(w * w, axis=0)
+    cdf = np.cumsum(ws, axis=0) * (ess / (ess + 1.0))[None, :, None]
     k = x.shape[0]
     out = np.empty((len(qs), *x.shape[1:]))
     for i, level in enumerate(qs):
