@@ -642,13 +642,17 @@ def posterior_in_plane(
     atoms: Sequence[str] = ATOMS,
     *,
     masses: Sequence[float] = MASSES,
+    labels: Sequence[object] | None = None,
 ) -> Path:
     """Posterior samples of each atom drawn in the molecular plane, one panel per event.
 
     Positions are taken relative to their centre of mass and rotated into the event's
     momentum frame (``e1`` along p_S, ``e2`` along the part of p_C orthogonal to it), which
     the measured momenta alone define; the motion, and so the true geometry, lies in the
-    e1-e2 plane. The rms out-of-plane (e3) spread of the samples is given in each title.
+    e1-e2 plane. Each event gets a row: the whole molecule, then one zoomed panel per
+    atom centred on its true position, where the posterior's spread is visible (at the
+    scale of the molecule a good posterior hides under the marker). The rms out-of-plane
+    (e3) spread of the samples is given in the first title.
 
     Args:
         samples: Posterior samples ``(n, B, 9)``, bohr, sample-first.
@@ -658,6 +662,8 @@ def posterior_in_plane(
         events: Indices (into B) of the events to draw.
         atoms: Names of the three atoms, in column order.
         masses: Atom masses in electron masses, for the centre of mass.
+        labels: Names of the events in the titles (e.g. their row in the data file);
+            default their indices.
 
     Example:
         >>> import tempfile
@@ -696,38 +702,48 @@ def posterior_in_plane(
     xs = to_frame(remove_centre_of_mass(s[:, idx], masses), frame).reshape(s.shape[0], -1, 3, 3)
     xt = to_frame(remove_centre_of_mass(t[idx], masses), frame).reshape(-1, 3, 3)
 
-    nrows, ncols = _grid(len(events))
-    fig, axes = _figure(nrows, ncols, (4.4, 3.9))
-    for k, (ax, event) in enumerate(zip(axes, events)):
+    if labels is not None and len(labels) != len(events):
+        raise ValueError(f"labels has {len(labels)} entries for {len(events)} events")
+    names = list(labels) if labels is not None else events
+    fig, axes = _figure(len(events), 4, (3.6, 3.4))
+    for k, name in enumerate(names):
+        row = axes[4 * k : 4 * k + 4]
+        ax = row[0]
         # Bonds of the true geometry (C-O and C-S) help to read its shape at a glance.
         for other in (1, 2):
             ax.plot(xt[k, [0, other], 0], xt[k, [0, other], 1], color="0.6", lw=1.5, zorder=1)
         for a, atom in enumerate(atoms):
             colour = _ATOM_COLOURS.get(atom, f"C{a}")
             ax.scatter(xs[:, k, a, 0], xs[:, k, a, 1], s=5, alpha=0.3, color=colour, lw=0, zorder=2)
-            ax.scatter(
-                xt[k, a, 0], xt[k, a, 1], s=220, marker="*", color=colour, edgecolor="black",
-                lw=1, zorder=3,
-            )  # fmt: skip
+            ax.scatter(xt[k, a, 0], xt[k, a, 1], s=60, marker="x", color="black", lw=1.5, zorder=3)
+            # Zoom: samples relative to the true position, in bohr.
+            zoom = row[1 + a]
+            d = xs[:, k, a, :2] - xt[k, a, :2]
+            zoom.scatter(d[:, 0], d[:, 1], s=8, alpha=0.5, color=colour, lw=0)
+            zoom.scatter(0, 0, s=80, marker="x", color="black", lw=2, zorder=3)
+            # The bulk of the posterior sets the scale; a rare outlier may fall outside.
+            half = max(1.3 * float(np.quantile(np.abs(d), 0.975)), 1e-6)
+            zoom.set_xlim(-half, half)
+            zoom.set_ylim(-half, half)
+            zoom.set_aspect("equal")
+            rms = float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
+            _style(
+                zoom, "delta e1 (bohr)", "delta e2 (bohr)", f"{atom}: rms distance {rms:.2g} bohr"
+            )
         ax.set_aspect("equal", adjustable="datalim")
         out_of_plane = float(np.sqrt(np.mean(xs[:, k, :, 2] ** 2)))
         _style(
             ax,
             "e1, along p_S (bohr)",
             "e2 (bohr)",
-            f"event {event}: {s.shape[0]} samples\nrms out-of-plane e3 = {out_of_plane:.2g} bohr",
+            f"event {name}: {s.shape[0]} samples\nrms out-of-plane e3 = {out_of_plane:.2g} bohr",
         )
-    for ax in axes[len(events) :]:
-        ax.set_visible(False)
-    handles = []
-    for a, atom in enumerate(atoms):
-        colour = _ATOM_COLOURS.get(atom, f"C{a}")
-        handles.append(
-            Line2D([], [], ls="", marker="o", ms=5, color=colour, label=f"{atom} samples")
-        )
-        handles.append(
-            Line2D([], [], ls="", marker="*", ms=13, mfc=colour, mec="black", label=f"{atom} true")
-        )
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=5, color=_ATOM_COLOURS.get(atom, f"C{a}"),
+               label=f"{atom} samples")
+        for a, atom in enumerate(atoms)
+    ]  # fmt: skip
+    handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="true"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
     fig.suptitle("Posterior in the molecular plane (momentum frame, centre of mass at 0)")
     return _save(fig, out_path)

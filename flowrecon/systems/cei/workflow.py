@@ -487,6 +487,7 @@ def evaluate_run(
             p_obs[shown],
             out / "posterior_in_plane.png",
             events=list(range(len(shown))),
+            labels=[int(i) for i in shown],
         )
     np.savez(out / "calibration.npz", levels=levels, empirical=calibration)
     table = format_metrics_table(metrics)

@@ -1,0 +1,81 @@
+"""Every figure is written as a non-empty PNG, and bad inputs get clear messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flowrecon import plots
+from flowrecon.systems.cei.geometry import sample_ocs
+from flowrecon.systems.cei.simulator import asymptotic_momenta
+from flowrecon.training import History
+
+
+def _png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def events():
+    x = sample_ocs(60, torch.Generator().manual_seed(0))
+    p = asymptotic_momenta(x)
+    rng = np.random.default_rng(0)
+    samples = x.numpy() + 0.01 * rng.normal(size=(20, 60, 9))
+    return x.numpy(), p.numpy(), samples
+
+
+def _history(epochs: int) -> History:
+    loss = list(np.linspace(3.0, 1.0, epochs))
+    return History(
+        train={"total": loss, "loss": loss, "nll": loss},
+        val={"total": [v + 0.1 for v in loss], "loss": [v + 0.1 for v in loss]},
+        best_epoch=epochs,
+    )
+
+
+@pytest.mark.parametrize("epochs", [5, 30])
+def test_learning_curves(tmp_path, epochs):
+    paths = plots.learning_curves(_history(epochs), tmp_path)
+    names = {p.name for p in paths}
+    assert {"learning_curve_first10.png", "learning_curve_rest.png", "loss_components.png"} <= names
+    assert all(_png(p) for p in paths)
+    # The dict form (as saved in history.json) works too.
+    assert plots.learning_curves(_history(epochs).to_dict(), tmp_path / "d")
+
+
+def test_position_figures(tmp_path, events):
+    x, p, samples = events
+    pred = samples.mean(0)
+    assert _png(plots.real_vs_predicted(x, pred, tmp_path / "rvp.png"))
+    assert _png(plots.distributions(x, pred, tmp_path / "dist.png"))
+    assert _png(
+        plots.energy_difference_histogram(
+            np.abs(np.random.default_rng(1).normal(size=60)) * 1e-3, tmp_path / "e.png"
+        )
+    )
+    path = plots.posterior_in_plane(samples, x, p, tmp_path / "pp.png", [0, 5], labels=[10, 15])
+    assert _png(path)
+
+
+def test_calibration_and_comparison(tmp_path):
+    levels = np.linspace(0.05, 0.95, 19)
+    assert _png(plots.calibration_curve(levels, levels * 0.9, tmp_path / "c.png", label="m"))
+    curves = {"a": (levels, levels), "b": (levels, np.sqrt(levels))}
+    assert _png(plots.calibration_curves(curves, tmp_path / "cc.png"))
+    table = pd.DataFrame({"model": ["a", "b"], "ade": [0.01, 0.001], "coverage_90": [0.9, 0.8]})
+    assert _png(plots.compare_bars(table, ["ade", "coverage_90"], tmp_path / "bars.png"))
+
+
+def test_bad_inputs_have_clear_messages(tmp_path, events):
+    x, p, samples = events
+    with pytest.raises(ValueError):
+        plots.real_vs_predicted(x, x[:, :8], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"samples must have shape \(n, B, 9\)"):
+        plots.posterior_in_plane(samples[:, :10], x, p, tmp_path / "bad.png", [0])
+    with pytest.raises(ValueError, match="event indices"):
+        plots.posterior_in_plane(samples, x, p, tmp_path / "bad.png", [99])
+    with pytest.raises(ValueError, match="labels has 1 entries for 2 events"):
+        plots.posterior_in_plane(samples, x, p, tmp_path / "bad.png", [0, 1], labels=[3])
