@@ -56,6 +56,17 @@ _TRUE_COLOUR, _PRED_COLOUR = "0.35", "tab:blue"
 _ATOM_COLOURS = {"C": "0.25", "O": "tab:red", "S": "#d4a017"}
 #: Order in which loss components are shown; others follow alphabetically.
 _COMPONENT_ORDER = ("total", "loss", "nll", "recon", "kl", "l1", "l2", "physics")
+#: Titles of the loss components logged by `flowrecon.training.train`.
+_COMPONENT_TITLES = {
+    "total": "total (minimised)",
+    "loss": "loss (unregularised)",
+    "nll": "negative log-likelihood",
+    "recon": "reconstruction",
+    "kl": "KL divergence",
+    "l1": "L1 penalty (weighted)",
+    "l2": "L2 penalty (weighted)",
+    "physics": "physics terms (weighted sum)",
+}
 #: Units and short descriptions of the metrics written by ``flowrecon evaluate``.
 _METRICS: dict[str, tuple[str, str]] = {
     "n": ("events", "test events"),
@@ -74,6 +85,9 @@ _METRICS: dict[str, tuple[str, str]] = {
     "coverage_50": ("fraction", "coverage of 50 % intervals"),
     "coverage_90": ("fraction", "coverage of 90 % intervals"),
     "nll": ("nats / event", "negative log-likelihood"),
+    "train_seconds": ("s", "training time"),
+    "epochs": ("epochs", "epochs trained"),
+    "sampling_samples_per_s": ("samples / s", "sampling speed"),
 }
 #: Nominal value of the coverage metrics, drawn as a reference line.
 _NOMINAL = {"coverage_50": 0.5, "coverage_90": 0.9}
@@ -235,7 +249,9 @@ def _curve_panel(
             continue
         stop = min(last, len(values))
         epochs = np.arange(first, stop + 1)
-        ax.plot(epochs, values[first - 1 : stop], "o-", ms=3, lw=1.5, color=colour, label=label)
+        # Markers help to read a few epochs; over many they only thicken the line.
+        style = "o-" if len(epochs) <= 30 else "-"
+        ax.plot(epochs, values[first - 1 : stop], style, ms=3, lw=1.5, color=colour, label=label)
     if first <= best_epoch <= last:
         ax.axvline(
             best_epoch, color="tab:green", ls="--", lw=1.2, label=f"best epoch ({best_epoch})"
@@ -327,7 +343,7 @@ def learning_curves(history: History | Mapping[str, Any], out_dir: PathLike) -> 
         both = np.concatenate([a for a in (t, v) if a is not None])
         if _spans_decades(both):
             ax.set_yscale("log")
-        _style(ax, "epoch", name, name)
+        _style(ax, "epoch", name, _COMPONENT_TITLES.get(name, name))
     for ax in axes[len(names) :]:
         ax.set_visible(False)
     # One legend for the figure: the same three entries in every panel.
@@ -399,9 +415,10 @@ def real_vs_predicted(
             _with_unit(f"predicted {label}", unit),
             f"{label}: RMSE {rmse:.3g}{' ' + unit if unit else ''}{dropped}",
         )
-        ax.legend(loc="upper left", fontsize=8)
     for ax in axes[len(columns) :]:
         ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=9)
     how = "2-D histogram, colour: events per bin (log scale)" if big else "one point per event"
     fig.suptitle(f"Predicted vs true, {t.shape[0]} events ({how})")
     return _save(fig, out_path)
@@ -414,7 +431,7 @@ def distributions(
     columns: Sequence[str] = POSITION_COLUMNS,
     *,
     unit: str | None = None,
-    bins: int = 50,
+    bins: int | None = None,
 ) -> Path:
     """Overlaid histograms of true and predicted values, one panel per column.
 
@@ -427,7 +444,9 @@ def distributions(
         out_path: PNG to write.
         columns: The ``D`` column names.
         unit: Unit for the labels; by default bohr for positions, a.u. for momenta.
-        bins: Number of bins, shared by truth and prediction in each panel.
+        bins: Number of bins, shared by truth and prediction in each panel; by default
+            about the square root of the smaller sample (10 to 60), so that a few hundred
+            events give a smooth histogram rather than bin-to-bin noise.
 
     Example:
         >>> import tempfile
@@ -446,6 +465,10 @@ def distributions(
             )
     t, p = t.reshape(-1, d), p.reshape(-1, d)
     unit = _default_unit(columns) if unit is None else unit
+    if bins is None:
+        bins = int(np.clip(round(math.sqrt(min(t.shape[0], p.shape[0]))), 10, 60))
+    elif bins < 1:
+        raise ValueError(f"bins must be at least 1; got {bins}")
     nrows, ncols = _grid(d)
     fig, axes = _figure(nrows, ncols, (3.6, 2.9))
     for j, (ax, col) in enumerate(zip(axes, columns)):
@@ -730,7 +753,16 @@ def posterior_in_plane(
             _style(
                 zoom, "delta e1 (bohr)", "delta e2 (bohr)", f"{atom}: rms distance {rms:.2g} bohr"
             )
-        ax.set_aspect("equal", adjustable="datalim")
+        # Equal scales on a square box around truth and bulk of the samples; limits set
+        # here (not left to "datalim") keep the constrained layout from clipping labels.
+        pts = np.concatenate(
+            [xt[k, :, :2], np.quantile(xs[:, k, :, :2], [0.01, 0.99], axis=0).reshape(-1, 2)]
+        )
+        centre = (pts.min(0) + pts.max(0)) / 2
+        half = 0.55 * float((pts.max(0) - pts.min(0)).max()) + 0.2
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+        ax.set_aspect("equal", adjustable="box")
         out_of_plane = float(np.sqrt(np.mean(xs[:, k, :, 2] ** 2)))
         _style(
             ax,
@@ -791,7 +823,8 @@ def compare_bars(table: pd.DataFrame, metrics: Sequence[str], out_path: PathLike
     fig, axes = _figure(nrows, ncols, (width, 3.6))
     x = np.arange(len(models))
     colours = [f"C{i % 10}" for i in range(len(models))]
-    long_names = len(models) > 3 or max(len(m) for m in models) > 8
+    # Rotate the model names only when they would not fit side by side (~0.075 in a char).
+    long_names = sum(len(m) + 2 for m in models) * 0.075 > 0.85 * width
     for ax, metric in zip(axes, metrics):
         try:
             v = table[metric].to_numpy(dtype=np.float64, na_value=np.nan)
@@ -805,24 +838,29 @@ def compare_bars(table: pd.DataFrame, metrics: Sequence[str], out_path: PathLike
             lo, hi = v[finite].min(), v[finite].max()
             ax.set_ylim(lo / 3, hi * 3)
         for i in np.flatnonzero(finite):
+            # A white box keeps the value readable where it crosses a reference line.
             ax.annotate(
                 f"{v[i]:.3g}", (x[i], v[i]), xytext=(0, 2 if v[i] >= 0 else -2),
                 textcoords="offset points", ha="center", va="bottom" if v[i] >= 0 else "top",
-                fontsize=8,
+                fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5},
             )  # fmt: skip
         for i in np.flatnonzero(~finite):
             # x in data, y in axes coordinates: visible whatever the scale.
-            ax.text(x[i], 0.03, "n/a", transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
+            ax.text(
+                x[i], 0.5, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="center",
+                fontsize=9, color="0.4", style="italic",
+            )  # fmt: skip
+        unit, description = _METRICS.get(metric, ("", metric))
         if metric in _NOMINAL:
-            ax.axhline(_NOMINAL[metric], color="0.3", ls="--", lw=1, label="nominal")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.axhline(_NOMINAL[metric], color="0.3", ls="--", lw=1, zorder=1)
+            description += f"\n(dashed: nominal {_NOMINAL[metric]:g})"
         if not log_y and finite.any():
             # Room above the tallest bar for its value label.
             top = max(0.0, v[finite].max(), _NOMINAL.get(metric, 0.0))
             bottom = min(0.0, v[finite].min())
             span = (top - bottom) or 1.0
             ax.set_ylim(bottom - (0.12 * span if bottom < 0 else 0), top + 0.15 * span)
-        unit, description = _METRICS.get(metric, ("", metric))
+        ax.set_xlim(-0.6, len(models) - 0.4)  # keep the slot of a model without a value
         ax.set_xticks(
             x, models, rotation=30 if long_names else 0, ha="right" if long_names else "center"
         )

@@ -42,8 +42,13 @@ def test_learning_curves(tmp_path, epochs):
     names = {p.name for p in paths}
     assert {"learning_curve_first10.png", "learning_curve_rest.png", "loss_components.png"} <= names
     assert all(_png(p) for p in paths)
-    # The dict form (as saved in history.json) works too.
-    assert plots.learning_curves(_history(epochs).to_dict(), tmp_path / "d")
+
+
+def test_learning_curves_from_dict(tmp_path):
+    # The to_dict() form (as saved in history.json) works too, without validation data.
+    history = _history(12).to_dict()
+    history["val"] = {}
+    assert all(_png(p) for p in plots.learning_curves(history, tmp_path))
 
 
 def test_position_figures(tmp_path, events):
@@ -79,3 +84,37 @@ def test_bad_inputs_have_clear_messages(tmp_path, events):
         plots.posterior_in_plane(samples, x, p, tmp_path / "bad.png", [99])
     with pytest.raises(ValueError, match="labels has 1 entries for 2 events"):
         plots.posterior_in_plane(samples, x, p, tmp_path / "bad.png", [0, 1], labels=[3])
+
+
+def test_more_bad_inputs(tmp_path):
+    levels = np.linspace(0.05, 0.95, 19)
+    with pytest.raises(ValueError, match="fractions in \\[0, 1\\]"):
+        plots.calibration_curve(100 * levels, 100 * levels, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="same length"):
+        plots.calibration_curve(levels, levels[:-1], tmp_path / "c.png")
+    with pytest.raises(ValueError, match="no epochs"):
+        plots.learning_curves({"train": {"loss": []}, "val": {}}, tmp_path)
+    with pytest.raises(ValueError, match="'train' dict"):
+        plots.learning_curves({"val": {"loss": [1.0]}}, tmp_path)
+    table = pd.DataFrame({"model": ["a", "b"], "ade": [0.1, 0.2]})
+    with pytest.raises(ValueError, match=r"\['nope'\] are not columns"):
+        plots.compare_bars(table, ["nope"], tmp_path / "b.png")
+    with pytest.raises(ValueError, match="'model' column"):
+        plots.compare_bars(table.drop(columns="model"), ["ade"], tmp_path / "b.png")
+    with pytest.raises(ValueError, match=">= 0"):
+        plots.energy_difference_histogram(np.array([-1.0, 0.5]), tmp_path / "e.png")
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 9\)"):
+        plots.distributions(np.zeros((5, 9)), np.zeros((5, 3)), tmp_path / "d.png")
+
+
+def test_edge_cases_still_draw(tmp_path):
+    # Torch inputs, a missing metric value, several energy sets with zeros, nested folders.
+    x = torch.randn(40, 9, dtype=torch.float64)
+    assert _png(plots.real_vs_predicted(x, x + 0.1, tmp_path / "a" / "b" / "rvp.png"))
+    table = pd.DataFrame({"model": ["cvae", "zuko-nsf"], "nll": [np.nan, -3.0]})
+    assert _png(plots.compare_bars(table, ["nll"], tmp_path / "bars.png"))
+    sets = {"a": np.r_[0.0, np.geomspace(1e-6, 1e-1, 50)], "b": np.geomspace(1e-4, 1, 50)}
+    assert _png(plots.energy_difference_histogram(sets, tmp_path / "e.png"))
+    # A run stopped by a non-finite loss logs inf; it is drawn as a gap.
+    hist = {"train": {"loss": [2.0, 1.0, float("inf")]}, "val": {}, "best_epoch": 2}
+    assert all(_png(p) for p in plots.learning_curves(hist, tmp_path / "inf"))

@@ -11,9 +11,10 @@ Parametrisation: the six relative coordinates r_CO = x_O - x_C and r_CS = x_S - 
 centre of mass, which momenta cannot observe, stays where the starting geometry had it.
 
 Jacobians come from reverse-mode autograd through the simulator on a coarse step grid
-(about 20 times cheaper than the full grid, accurate to ~1e-4), batched over the nine
-outputs with ``is_grads_batched``; the residual always comes from the full-accuracy
-simulator, so the iteration converges to the exact solution of the full simulator.
+(about 20 times cheaper than the full grid, accurate to ~1e-4), batched with
+``is_grads_batched`` over six cotangents (the momenta span six dimensions); the residual
+always comes from the full-accuracy simulator, so the iteration converges to the exact
+solution of the full simulator.
 Because the Jacobian changes little near the solution, it is recomputed only for events
 whose last step did not cut their residual at least threefold.
 """
@@ -80,10 +81,25 @@ def _to_positions(q: torch.Tensor, com: torch.Tensor, m: torch.Tensor) -> torch.
     return torch.cat([c, c + r1, c + r2], 1)
 
 
+def _momentum_basis(m: torch.Tensor) -> torch.Tensor:
+    """L (9, 6): the momenta as a linear map of the relative velocities (u_CO, u_CS).
+
+    Total momentum is conserved (zero from rest), so the nine momenta span only six
+    dimensions: six reverse-mode passes, not nine, give the whole Jacobian.
+    """
+    eye = torch.eye(3, dtype=m.dtype, device=m.device)
+    total = m.sum()
+    v_c = torch.cat([-m[1] / total * eye, -m[2] / total * eye], 1)  # (3, 6)
+    rel = torch.cat([torch.cat([eye, 0 * eye], 1), torch.cat([0 * eye, eye], 1)])
+    return torch.cat([m[0] * v_c, m[1] * (v_c + rel[:3]), m[2] * (v_c + rel[3:])])
+
+
 def _jacobian(
     q: torch.Tensor, com: torch.Tensor, m: torch.Tensor, charges: Sequence[float]
 ) -> torch.Tensor:
     """d p / d q on the coarse grid, (B, 9, 6), by batched reverse-mode autograd."""
+    basis = _momentum_basis(m)  # p = basis @ u
+    project = torch.linalg.pinv(basis)  # u = project @ p
     with torch.enable_grad():
         qg = q.detach().requires_grad_(True)
         p = asymptotic_momenta(
@@ -94,9 +110,9 @@ def _jacobian(
             compile=False,
             general=True,
         )
-        eye = torch.eye(9, dtype=q.dtype, device=q.device)[:, None, :].expand(9, q.shape[0], 9)
-        (rows,) = torch.autograd.grad(p, qg, eye, is_grads_batched=True)
-    return rows.permute(1, 0, 2)
+        cotangents = project[:, None, :].expand(6, q.shape[0], 9)
+        (rows,) = torch.autograd.grad(p, qg, cotangents, is_grads_batched=True)
+    return basis @ rows.permute(1, 0, 2)  # (9, 6) @ (B, 6, 6): d u / d q mapped to d p
 
 
 def refine(
@@ -106,7 +122,7 @@ def refine(
     charges: Sequence[float] = DEFAULT_CHARGES,
     masses: Sequence[float] = MASSES,
     tol: float = 1e-10,
-    max_iter: int = 30,
+    max_iter: int = 25,
     compile: bool | None = None,
     jacobian_chunk: int = 16384,
 ) -> RefineResult:
@@ -162,8 +178,11 @@ def refine(
     stale = torch.ones(n, dtype=torch.bool, device=q.device)  # needs a new Jacobian
     iterations = torch.zeros(n, dtype=torch.long, device=q.device)
     converged = cost.sqrt() / scale < tol
+    rejected = torch.zeros(n, dtype=torch.long, device=q.device)  # consecutive failures
     for _ in range(max_iter):
-        active = (~converged).nonzero().flatten()
+        # An event whose damping had to grow 4^6-fold in a row is stuck: give it up, so
+        # that a few hopeless starts do not keep the whole batch iterating.
+        active = (~converged & (rejected < 6)).nonzero().flatten()
         if active.numel() == 0:
             break
         renew = active[stale[active]]
@@ -190,6 +209,7 @@ def refine(
         stale[slow] = True
         q[keep], r[keep], cost[keep] = q_try[better], r_try[better], cost_try[better]
         lam[active] = torch.where(better, lam[active] / 3, lam[active] * 4).clamp(1e-12, 1e10)
+        rejected[active] = torch.where(better, 0, rejected[active] + 1)
         iterations[active] += 1
         converged = cost.sqrt() / scale < tol
     return RefineResult(
