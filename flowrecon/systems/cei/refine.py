@@ -340,7 +340,7 @@ def refine_posterior(
     p = np.asarray(torch.as_tensor(momenta).cpu(), dtype=float)
     k, b = xs.shape[:2]
     flat_x = xs.reshape(k * b, 9)
-    flat_p = np.broadcast_to(p, (k, b, 9)).reshape(k * b, 9)
+    flat_p = np.tile(p, (k, 1))  # row j * b + i is event i, like flat_x
     out_x = np.empty_like(flat_x)
     out_r = np.empty(k * b)
     out_c = np.empty(k * b, dtype=bool)
