@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
 import flowrecon as fr  # noqa: E402
+from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.registry import MODELS, is_installed  # noqa: E402
-from flowrecon.systems.cei.geometry import resolve_device, simulate_events  # noqa: E402
+from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.metrics import cei_metrics  # noqa: E402
 
 #: Hyper-parameters used here where a model's defaults are too small for 200k events.

@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
 import flowrecon as fr  # noqa: E402
+from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.evaluation.metrics import central_interval_coverage  # noqa: E402
 from flowrecon.evaluation.weights import weighted_coverage  # noqa: E402
-from flowrecon.systems.cei.geometry import resolve_device, simulate_events  # noqa: E402
+from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.likelihood import posterior_weights  # noqa: E402
 from flowrecon.systems.cei.physics import remove_centre_of_mass  # noqa: E402
 from flowrecon.systems.cei.refine import refine_posterior  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
-from flowrecon.systems.cei.geometry import resolve_device, sample_ball, sample_ocs  # noqa: E402
+from flowrecon.base import resolve_device  # noqa: E402
+from flowrecon.systems.cei.geometry import sample_ball, sample_ocs  # noqa: E402
 from flowrecon.systems.cei.physics import (  # noqa: E402
     coulomb_potential,
     kinetic_energy,

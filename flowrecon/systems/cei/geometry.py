@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flowrecon.base import resolve_device
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES, R_CO_EQ, R_CS_EQ
 from flowrecon.systems.cei.simulator import IntegratorSettings, asymptotic_momenta
 
@@ -235,13 +236,3 @@ def simulate_events(
     return SimulatedEvents(
         positions=x.numpy(), momenta=p_obs.numpy(), true_momenta=p_true.cpu().numpy()
     )
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names are checked."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available")
-    return dev
