@@ -116,3 +116,19 @@ def test_distinct_solutions_merges_and_ignores_unconverged():
     assert tight.count.tolist() == [2, 1, 1]
     none = distinct_solutions(refined, residual, np.zeros(5, dtype=bool))
     assert len(none) == 0 and none.positions.shape == (0, 9)
+
+
+def test_refine_posterior_refines_the_mean_and_chosen_samples():
+    from flowrecon.systems.cei.refine import refine_posterior
+
+    truth = sample_ocs(8, _gen(6))
+    momenta = asymptotic_momenta(truth)
+    noise = 0.02 * torch.randn((5, 8, 9), generator=_gen(7), dtype=torch.float64)
+    samples = remove_centre_of_mass(truth + noise)
+    only_mean = refine_posterior(samples, momenta, refine_samples=0)
+    assert only_mean.samples.shape == (0, 8, 9)
+    assert (only_mean.n_solutions == 1).all()
+    assert (_max_atom_error(torch.as_tensor(only_mean.best), truth) < 1e-5).all()
+    two = refine_posterior(samples, momenta, refine_samples=2)
+    assert two.samples.shape == (2, 8, 9) and two.converged.shape == (2, 8)
+    assert (two.residual[two.converged] <= 1e-8).all()
