@@ -53,7 +53,7 @@ def _noise_free(args: argparse.Namespace, device: torch.device) -> dict:
     )
     err = np.abs(remove_centre_of_mass(refined.best) - remove_centre_of_mass(ev.positions))
     atom_err = np.linalg.norm(err.reshape(-1, 3, 3), axis=-1).max(1)
-    best_res = np.where(refined.converged, refined.residual, np.inf).min(0)
+    best_res = refined.best_residual
     exact = (atom_err <= 1e-5) & (best_res <= 1e-8)
     return {
         "events": args.events,

@@ -301,6 +301,8 @@ class RefinedPosterior:
         best: (B, 9) each event's refined prediction: the refined posterior mean (which
             lies nearer the heavier mode when the posterior has several), else the
             solution most samples reached, else the raw posterior mean.
+        best_residual: (B,) relative momentum residual of ``best`` (inf where nothing
+            converged).
         n_solutions: (B,) distinct solutions found per event.
         seconds: wall time of the refinement.
     """
@@ -309,6 +311,7 @@ class RefinedPosterior:
     residual: np.ndarray
     converged: np.ndarray
     best: np.ndarray
+    best_residual: np.ndarray
     n_solutions: np.ndarray
     seconds: float
 
@@ -373,6 +376,7 @@ def refine_posterior(
     residual_all = out_r.reshape(k, b)
     converged_all = out_c.reshape(k, b)
     best = np.where(converged_all[0, :, None], refined_all[0], xs[0])
+    best_residual = np.where(converged_all[0], residual_all[0], np.inf)
     n_solutions = np.zeros(b, dtype=int)
     for i in range(b):
         if converged_all[:, i].any():
@@ -384,8 +388,14 @@ def refine_posterior(
                 merge_tol=merge_tol,
             )
             if not converged_all[0, i]:
-                best[i] = sol.positions[0]
+                best[i], best_residual[i] = sol.positions[0], sol.residual[0]
             n_solutions[i] = len(sol)
     return RefinedPosterior(
-        refined_all[1:], residual_all[1:], converged_all[1:], best, n_solutions, seconds
+        refined_all[1:],
+        residual_all[1:],
+        converged_all[1:],
+        best,
+        best_residual,
+        n_solutions,
+        seconds,
     )

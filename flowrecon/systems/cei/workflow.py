@@ -557,7 +557,7 @@ def _refined_metrics(
 
     err = np.abs(remove_centre_of_mass(refined.best) - remove_centre_of_mass(x_true))
     atom_err = np.linalg.norm(err.reshape(-1, 3, 3), axis=-1).max(1)
-    best_res = np.where(refined.converged, refined.residual, np.inf).min(0)
+    best_res = refined.best_residual
     out.update(
         {
             "refine_samples": int(starts.shape[0]),
