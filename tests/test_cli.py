@@ -247,3 +247,37 @@ def test_compare_trains_and_tabulates(runner, small_data, tmp_path):
     for name in ("comparison.md", "calibration.png", "comparison.png"):
         assert (out / name).is_file(), name
     assert (out / "cvae" / "metrics.json").is_file() and (out / "zuko-maf" / "report.md").is_file()
+
+
+def test_evaluate_refine_and_weights(runner, tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--run", str(tiny_run), "--samples", "4", "--out", str(out)]
+    result = runner.invoke(main, [*args, "--refine", "--refine-samples", "1", "--max-events", "6"])
+    assert result.exit_code == 0, result.output
+    assert "Refined through the simulator" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"refined_ade", "refined_resim_residual", "refine_events_within_1e-5_bohr"} <= set(
+        metrics
+    )
+    result = runner.invoke(
+        main, [*args, "--weights", "--noise", "0.01", "--max-events", "6", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["weighted_coverage_90"] <= 1 and metrics["weights_ess_median"] >= 1
+    assert metrics["weights_prior"] == "flat"  # a user's file: no known geometry prior
+    missing = runner.invoke(main, [*args, "--weights", "--quiet"])
+    assert missing.exit_code != 0 and "give --noise" in missing.output
+
+
+def test_sample_refine_adds_residual_columns(runner, tiny_run, small_data, tmp_path):
+    few = tmp_path / "few.parquet"
+    pd.read_parquet(small_data).head(10).to_parquet(few)
+    out = tmp_path / "refined.csv"
+    args = ["sample", "--run", str(tiny_run), "--data", str(few), "--n", "2", "--out", str(out)]
+    result = runner.invoke(main, [*args, "--refine", "--quiet"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert {"residual", "converged", "solution"} <= set(table.columns)
+    assert len(table) == 20
+    assert (table.loc[table["converged"], "residual"] <= 1e-8).all()
