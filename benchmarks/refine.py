@@ -63,7 +63,7 @@ def _noise_free(args: argparse.Namespace, device: torch.device) -> dict:
         "fraction_within_1e-5_bohr": float((atom_err <= 1e-5).mean()),
         "fraction_both": float(exact.mean()),
         "median_atom_error_bohr": float(np.median(atom_err)),
-        "samples_converged": float(refined.converged.mean()),
+        "samples_converged": float(refined.converged.mean()) if refined.converged.size else None,
         "events_multiple_solutions": float((refined.n_solutions > 1).mean()),
         "refine_seconds": refined.seconds,
         "refine_events_per_s": args.events / refined.seconds,
