@@ -38,7 +38,6 @@ from flowrecon.evaluation.metrics import central_interval_coverage  # noqa: E402
 from flowrecon.evaluation.weights import weighted_coverage  # noqa: E402
 from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.likelihood import posterior_weights  # noqa: E402
-from flowrecon.systems.cei.physics import remove_centre_of_mass  # noqa: E402
 from flowrecon.systems.cei.refine import refine_posterior  # noqa: E402
 
 
@@ -51,8 +50,7 @@ def _noise_free(args: argparse.Namespace, device: torch.device) -> dict:
     refined = refine_posterior(
         xs, ev.momenta, compile=args.compile, refine_samples=args.refine_samples
     )
-    err = np.abs(remove_centre_of_mass(refined.best) - remove_centre_of_mass(ev.positions))
-    atom_err = np.linalg.norm(err.reshape(-1, 3, 3), axis=-1).max(1)
+    atom_err = refined.atom_error(ev.positions)
     best_res = refined.best_residual
     exact = (atom_err <= 1e-5) & (best_res <= 1e-8)
     return {

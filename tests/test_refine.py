@@ -133,3 +133,4 @@ def test_refine_posterior_refines_the_mean_and_chosen_samples():
     assert two.samples.shape == (2, 8, 9) and two.converged.shape == (2, 8)
     assert (two.residual[two.converged] <= 1e-8).all()
     assert (only_mean.best_residual <= 1e-8).all()
+    assert (only_mean.atom_error(truth.numpy()) < 1e-5).all()

@@ -315,6 +315,18 @@ class RefinedPosterior:
     n_solutions: np.ndarray
     seconds: float
 
+    def atom_error(self, truth: np.ndarray, masses: Sequence[float] = MASSES) -> np.ndarray:
+        """(B,) largest atom distance of ``best`` from ``truth``, bohr.
+
+        Both centres of mass are removed first: momenta cannot observe them.
+        """
+        from flowrecon.systems.cei.physics import remove_centre_of_mass
+
+        diff = remove_centre_of_mass(self.best, masses) - remove_centre_of_mass(
+            np.asarray(truth, dtype=float), masses
+        )
+        return np.linalg.norm(diff.reshape(-1, 3, 3), axis=-1).max(1)
+
 
 def refine_posterior(
     samples: np.ndarray | torch.Tensor,

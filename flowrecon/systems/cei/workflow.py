@@ -551,12 +551,9 @@ def _refined_metrics(
     )
     out: dict[str, Any] = {f"refined_{k}": point[k] for k in REFINED_KEYS}
     n_starts = refined.converged.size
-    # The yardsticks of exact recovery: every atom within 1e-5 bohr of the truth
-    # (after removing the unobservable centre of mass) and a momentum residual <= 1e-8.
-    from flowrecon.systems.cei.physics import remove_centre_of_mass
-
-    err = np.abs(remove_centre_of_mass(refined.best) - remove_centre_of_mass(x_true))
-    atom_err = np.linalg.norm(err.reshape(-1, 3, 3), axis=-1).max(1)
+    # Yardsticks of exact recovery: every atom within 1e-5 bohr of the truth and a
+    # momentum residual <= 1e-8.
+    atom_err = refined.atom_error(x_true)
     best_res = refined.best_residual
     out.update(
         {
