@@ -4,6 +4,8 @@ Usage:
     python benchmarks/accuracy.py                      # 200,000 events, 15 min a model
     python benchmarks/accuracy.py --minutes 5 --noise 0 --noise 0.01
     python benchmarks/accuracy.py --models zuko-nsf,freia-cinn --quick
+    python benchmarks/accuracy.py --minutes 0.5 --minutes 1 --minutes 2 --minutes 4
+                                                      # accuracy against training budget
 
 For each momentum-noise level, simulates ``--n-train`` OCS events (85 % train, 15 %
 validation) and ``--n-test`` separate held-out events, trains each model for at most
@@ -12,7 +14,10 @@ validation state restored), draws ``--samples`` posterior samples per held-out e
 (only the momenta go into the model) and computes the metrics of DESIGN section 3 with
 `flowrecon.systems.cei.metrics.cei_metrics`. Results are written after every model to
 ``accuracy.json`` and ``accuracy.md`` in ``--out``, so an interrupted run keeps what it
-finished.
+finished. With several ``--minutes``, every model is trained afresh for each budget (each
+run anneals its learning rate over its own budget, as a user with that budget would) and
+the results go to ``accuracy_budget.json``/``.md`` with a figure ``accuracy_budget.png``
+of ``ade`` and ``|coverage_90 - 0.90|`` against budget.
 """
 
 from __future__ import annotations
@@ -27,47 +32,66 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_results  # noqa: E402
+from _common import environment, fit_for, markdown_table, write_results  # noqa: E402
 
-import flowrecon as fr  # noqa: E402
 from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.registry import MODELS, is_installed  # noqa: E402
 from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.metrics import cei_metrics  # noqa: E402
 
-#: Hyper-parameters used here where a model's defaults are too small for 200k events.
-SETTINGS: dict[str, dict] = {
-    "cvae": {"hidden_dim": 128, "num_layers": 3, "latent_dim": 8},
-}
-
 COLUMNS = (
-    "model", "noise", "ade", "ade_sample", "rmsd_com", "bond_error_co", "bond_error_cs",
-    "angle_error_deg", "energy_diff", "resim_residual", "coverage_50", "coverage_90", "nll",
-    "epochs", "train_s", "samples_per_s",
+    "model", "noise", "minutes", "ade", "ade_sample", "rmsd_com", "bond_error_co",
+    "bond_error_cs", "angle_error_deg", "energy_diff", "resim_residual", "coverage_50",
+    "coverage_90", "nll", "epochs", "train_s", "samples_per_s",
 )  # fmt: skip
 
 
-def _row(r: dict) -> str:
-    def cell(v):
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    return "| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |"
-
-
 def _table(env: dict, args: argparse.Namespace, rows: list[dict]) -> str:
+    budgets = ", ".join(f"{m:g}" for m in args.minutes)
     head = (
         f"Accuracy, {env['date']}, {env['device_name']}, torch {env['torch']}; "
         f"{args.n_train:,} training events (85/15 train/val), {args.n_test:,} held-out "
-        f"events, {args.samples} posterior samples each, at most {args.minutes:g} min a model"
+        f"events, {args.samples} posterior samples each, budgets {budgets} min a model"
     )
-    return "\n".join(
-        [head, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        + [_row(r) for r in rows]
-    )
+    return markdown_table(head, COLUMNS, rows)
+
+
+def plot_budget(rows: list[dict], path: Path) -> None:
+    """Mean position error and calibration against the training budget, one line a model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noises = sorted({r["noise"] for r in rows})
+    fig, axes = plt.subplots(len(noises), 2, figsize=(10, 3.6 * len(noises)), squeeze=False)
+    for i, noise in enumerate(noises):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == name and r["noise"] == noise]
+            pts = sorted(((r["minutes"], r) for r in mine), key=lambda p: p[0])
+            if not pts:
+                continue
+            t = [m for m, _ in pts]
+            axes[i, 0].plot(t, [r["ade"] for _, r in pts], "o-", label=name)
+            axes[i, 1].plot(t, [abs(r["coverage_90"] - 0.9) for _, r in pts], "o-", label=name)
+        axes[i, 0].set(
+            xscale="log",
+            yscale="log",
+            xlabel="training budget (min)",
+            ylabel="ade (bohr)",
+            title=f"mean position error, noise {noise:g}",
+        )
+        axes[i, 1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="training budget (min)",
+            ylabel="|coverage_90 - 0.90|",
+            title=f"calibration, noise {noise:g}",
+        )
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -76,21 +100,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n-train", type=int, default=200_000)
     parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget a model")
+    parser.add_argument(
+        "--minutes", type=float, action="append",
+        help="training budget a model; repeat for accuracy against budget (default 15)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", type=float, action="append", help="relative momentum noise")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="20k events, 1 min a model")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="20k events, 500 test events, budgets of at most 1 min, 3 models by default",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--stem", default="accuracy")
+    parser.add_argument("--stem", default=None, help="accuracy, or accuracy_budget for several")
     args = parser.parse_args(argv)
+    args.minutes = sorted(set(args.minutes or [15.0]))
     if args.quick:
         args.n_train, args.n_test = min(args.n_train, 20_000), min(args.n_test, 500)
-        args.minutes, args.samples = min(args.minutes, 1.0), min(args.samples, 50)
+        args.minutes = sorted({min(m, 1.0) for m in args.minutes})
+        args.samples = min(args.samples, 50)
+        if args.models == "all":
+            args.models = "cvae,freia-cinn,zuko-nsf"
+    if args.stem is None:
+        args.stem = "accuracy" if len(args.minutes) == 1 else "accuracy_budget"
     noises = args.noise or [0.0, 0.01]
     names = list(MODELS) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     names = [n for n in names if is_installed(n)]
     device = resolve_device(args.device)
     env = environment(device)
@@ -101,44 +140,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         x, y = ev.positions[: args.n_train], ev.momenta[: args.n_train]
         xt, yt = ev.positions[args.n_train :], ev.momenta[args.n_train :]
-        for name in names:
-            model = fr.make(name, **SETTINGS.get(name, {}), device=str(device), seed=args.seed)
-            print(f"[{name}, noise {noise}] training for at most {args.minutes:g} min", flush=True)
-            model.fit(
-                x,
-                y,
-                epochs=100_000,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                lr_schedule="cosine",
-                patience=0,
-                max_minutes=args.minutes,
-                quiet=True,
-            )
-            t0 = time.perf_counter()
-            samples = model.sample(yt, n=args.samples, seed=args.seed)
-            sample_s = time.perf_counter() - t0
-            log_prob = model.log_prob(xt, yt) if model.has_density else None
-            metrics = cei_metrics(samples, xt, yt, charges=(2, 2, 2), log_prob=log_prob)
-            h = model.history_
-            row = {
-                "model": name,
-                "noise": noise,
-                **metrics,
-                "epochs": h.epochs,
-                "best_epoch": h.best_epoch,
-                "train_s": h.seconds,
-                "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
-                "hparams": model.hparams_,
-            }
-            rows.append(row)
-            print(_row(row), flush=True)
-            payload = {**env, "settings": vars(args) | {"out": str(args.out)}, "results": rows}
-            payload["command"] = "python benchmarks/accuracy.py " + " ".join(argv or sys.argv[1:])
-            write_results(args.out, args.stem, json.loads(json.dumps(payload, default=str)),
-                          _table(env, args, rows))  # fmt: skip
-            del model, samples
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+        for minutes in args.minutes:
+            for name in names:
+                print(f"[{name}, noise {noise}] training for at most {minutes:g} min", flush=True)
+                model = fit_for(name, x, y, minutes=minutes, batch_size=args.batch_size,
+                                lr=args.lr, device=device, seed=args.seed)  # fmt: skip
+                t0 = time.perf_counter()
+                samples = model.sample(yt, n=args.samples, seed=args.seed)
+                sample_s = time.perf_counter() - t0
+                log_prob = model.log_prob(xt, yt) if model.has_density else None
+                metrics = cei_metrics(samples, xt, yt, charges=(2, 2, 2), log_prob=log_prob)
+                h = model.history_
+                row = {
+                    "model": name,
+                    "noise": noise,
+                    "minutes": minutes,
+                    **metrics,
+                    "epochs": h.epochs,
+                    "best_epoch": h.best_epoch,
+                    "train_s": h.seconds,
+                    "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
+                    "hparams": model.hparams_,
+                }
+                rows.append(row)
+                print(markdown_table("", COLUMNS, [row]).splitlines()[-1], flush=True)
+                payload = {**env, "settings": vars(args) | {"out": str(args.out)}, "results": rows}
+                payload["command"] = "python benchmarks/accuracy.py " + " ".join(
+                    argv if argv is not None else sys.argv[1:]
+                )
+                write_results(args.out, args.stem, json.loads(json.dumps(payload, default=str)),
+                              _table(env, args, rows))  # fmt: skip
+                if len(args.minutes) > 1:
+                    plot_budget(rows, args.out / f"{args.stem}.png")
+                del model, samples
+                torch.cuda.empty_cache() if device.type == "cuda" else None
     print(_table(env, args, rows))
     return rows
 
