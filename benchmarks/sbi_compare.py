@@ -19,8 +19,12 @@ wall-clock budget:
   would overrun the budget; its early stopping is lengthened so that the budget, not a
   patience of 20 epochs, ends training, as for flowrecon.
 
-Positions (theta) and momenta (x) go to sbi as they are: the 9 lab-frame coordinates of
-the three atoms with the centre of mass at the origin, and the 9 momentum components.
+Positions (theta) and momenta (x) go to sbi as they are (``--sbi-theta lab``, the
+default): the 9 lab-frame coordinates of the three atoms with the centre of mass at the
+origin, and the 9 momentum components. Three of those nine coordinates are fixed by the
+centre of mass, which flowrecon's whitening finds and removes and sbi's z-scoring does
+not; ``--sbi-theta relative`` instead hands sbi the 6 relative coordinates r_CO, r_CS
+(a parametrisation the user would have to derive) and maps its samples back.
 Posterior samples come from ``posterior.sample_batched`` of ``build_posterior()``. Both
 sides are scored by `flowrecon.systems.cei.metrics.cei_metrics` in the same run. ``nll``
 is left out for sbi: its density lives on all 9 coordinates, flowrecon's on the 6 that
@@ -36,6 +40,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +51,7 @@ from _common import environment, fit_for, markdown_table, write_results  # noqa:
 
 from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.registry import MODELS, is_installed  # noqa: E402
+from flowrecon.systems.cei.constants import MASSES  # noqa: E402
 from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.metrics import cei_metrics  # noqa: E402
 
@@ -114,8 +120,22 @@ def train_sbi(
     return posterior, facts
 
 
+def to_relative(x: torch.Tensor) -> torch.Tensor:
+    """(B, 9) positions -> (B, 6) relative coordinates r_CO = x_O - x_C, r_CS = x_S - x_C."""
+    a = x.reshape(-1, 3, 3)
+    return torch.cat([a[:, 1] - a[:, 0], a[:, 2] - a[:, 0]], 1)
+
+
+def from_relative(q: torch.Tensor) -> torch.Tensor:
+    """(..., 6) relative coordinates -> (..., 9) positions with the centre of mass at 0."""
+    m = torch.as_tensor(MASSES, dtype=q.dtype, device=q.device)
+    r1, r2 = q[..., :3], q[..., 3:]
+    c = -(m[1] * r1 + m[2] * r2) / m.sum()
+    return torch.cat([c, c + r1, c + r2], -1)
+
+
 def sample_sbi(posterior, y: torch.Tensor, n: int, chunk: int = 2000) -> torch.Tensor:
-    """``(n, B, 9)`` float64 posterior samples for every row of ``y``."""
+    """``(n, B, D)`` float64 posterior samples for every row of ``y``."""
     out = []
     for start in range(0, y.shape[0], chunk):
         s = posterior.sample_batched((n,), x=y[start : start + chunk].float(),
@@ -166,6 +186,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ours", default="zuko-maf,zuko-nsf", help="flowrecon models")
     parser.add_argument("--sbi", default="maf,zuko_nsf", help="sbi NPE density estimators")
+    parser.add_argument(
+        "--sbi-theta", choices=["lab", "relative"], default="lab",
+        help="what sbi gets as parameters: the 9 positions, or the 6 relative coordinates",
+    )  # fmt: skip
     parser.add_argument("--n-train", type=int, default=200_000)
     parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument("--samples", type=int, default=100)
@@ -196,6 +220,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_device(args.device)
     env = environment(device)
     logging.getLogger("sbi").setLevel(logging.ERROR)
+    # sbi warns after every one-epoch resume that training has not converged: expected.
+    warnings.filterwarnings("ignore", module="sbi")
+    warnings.filterwarnings("ignore", message=".*max_num_epochs.*")
+    warnings.filterwarnings("ignore", message=".*max_sampling_batch_size.*")
     rows: list[dict] = []
 
     def record(row: dict) -> None:
@@ -231,16 +259,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for estimator in theirs:
             print(f"[sbi NPE {estimator}, noise {noise}] {args.minutes:g} min", flush=True)
             torch.manual_seed(args.seed)
+            label = f"NPE {estimator}" + (" (relative)" if args.sbi_theta == "relative" else "")
+            theta = torch.as_tensor(x)
+            theta = to_relative(theta) if args.sbi_theta == "relative" else theta
             posterior, facts = train_sbi(
-                estimator, torch.as_tensor(x), torch.as_tensor(y), minutes=args.minutes,
-                device=str(device),
-            )  # fmt: skip
+                estimator, theta, torch.as_tensor(y), minutes=args.minutes, device=str(device)
+            )
             t0 = time.perf_counter()
             samples = sample_sbi(posterior, torch.as_tensor(yt, device=device), args.samples)
             sample_s = time.perf_counter() - t0
+            samples = from_relative(samples) if args.sbi_theta == "relative" else samples
             metrics = cei_metrics(samples.cpu(), xt, yt, charges=(2, 2, 2))
             record({
-                "tool": "sbi", "model": f"NPE {estimator}", "noise": noise, **metrics, **facts,
+                "tool": "sbi", "model": label, "noise": noise, **metrics, **facts,
                 "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
             })  # fmt: skip
     print(_table(env, args, rows))
