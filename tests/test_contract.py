@@ -97,7 +97,7 @@ def test_sampling_in_chunks_keeps_the_layout(fitted, data, monkeypatch) -> None:
     _, y = data
     width = model.preprocessing_.model_x_dim
 
-    def fake(n: int, ym: torch.Tensor) -> torch.Tensor:
+    def fake(n: int, ym: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         # Deterministic: sample i of condition b is i + (b's first model-space column).
         return (torch.arange(n)[:, None] + ym[:, 0]).unsqueeze(-1).expand(n, -1, width)
 
@@ -183,10 +183,55 @@ def test_log_prob_integrates_to_one_in_user_space(name) -> None:
     h = np.linspace(-6, 6, 61)
     gx, gy = np.meshgrid(g, h, indexing="ij")
     grid = np.column_stack([gx.ravel(), gy.ravel()])
-    for cond in (-1.0, 0.5):
-        lp = model.log_prob(grid, np.full((len(grid), 1), cond))
+    for cond, temperature in ((-1.0, None), (0.5, None), (0.5, 0.7)):
+        lp = model.log_prob(grid, np.full((len(grid), 1), cond), temperature=temperature)
         integral = np.exp(lp).sum() * (g[1] - g[0]) * (h[1] - h[0])
         assert integral == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_temperature_scales_the_spread_of_samples(name, fitted, data) -> None:
+    model = fitted(name)
+    _, y = data
+    wide = model.sample(y[:20], n=200, seed=1, temperature=1.0)
+    narrow = model.sample(y[:20], n=200, seed=1, temperature=0.3)
+    assert narrow.std(0).mean() < 0.6 * wide.std(0).mean(), name
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        model.sample(y[:2], n=2, temperature=0.0)
+
+
+def test_calibrate_brings_held_out_coverage_to_the_level() -> None:
+    from flowrecon.evaluation.metrics import central_interval_coverage
+
+    def data(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        y = rng.normal(size=(n, Y_DIM))
+        return y @ np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]) + noise * rng.normal(
+            size=(n, X_DIM)
+        ), y
+
+    # Trained where x scatters by 0.5, used where it scatters by 0.2: far too wide.
+    name = next(n for n, s in registry.MODELS.items() if s.has_density and registry.is_installed(n))
+    model = fr.make(name, device="cpu", **tiny_hparams(name))
+    model.fit(*data(2000, 0.5, 1), epochs=5, batch_size=64, quiet=True, calibrate=False)
+    assert model.temperature_ == 1.0
+    xt, yt = data(600, 0.2, 3)
+    before = central_interval_coverage(model.sample(yt, n=100, seed=0), xt, 0.9)
+    temperature = model.calibrate(*data(600, 0.2, 2), n=100, max_rows=600)
+    after = central_interval_coverage(model.sample(yt, n=100, seed=0), xt, 0.9)
+    assert temperature == model.temperature_ < 0.8
+    assert abs(after - 0.9) < 0.03 < abs(before - 0.9), (before, after)
+
+
+def test_coverage_and_scale_on_known_gaussians() -> None:
+    from flowrecon.base import _coverage_and_scale
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(4000, 2))
+    draws = 2.0 * rng.normal(size=(200, 4000, 2))  # twice as wide as the truth's spread
+    coverage, scale = _coverage_and_scale(draws, truth, 0.9)
+    assert coverage == pytest.approx(0.99, abs=0.01)  # P(|N(0,1)| < 2 * 1.645)
+    assert scale == pytest.approx(0.5, abs=0.03)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -205,6 +250,7 @@ def test_save_load_reproduces_seeded_samples(name, fitted, data, tmp_path) -> No
     if loaded.has_density:
         np.testing.assert_array_equal(loaded.log_prob(x[:6], y[:6]), model.log_prob(x[:6], y[:6]))
     assert loaded.history_.to_dict() == model.history_.to_dict()
+    assert loaded.temperature_ == model.temperature_
     assert (loaded.model_, loaded.hparams_) == (model.model_, model.hparams_)
 
 

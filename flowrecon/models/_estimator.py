@@ -7,7 +7,8 @@ adapter only wraps one library's network. Shapes:
 - ``x``: ``(B, x_dim)``, ``y``: ``(B, y_dim)``, both float32 on the module's device.
 - ``loss(x, y)`` returns a dict of 0-d tensors; ``"loss"`` is the total that is minimised,
   the other keys are its components (``"nll"``, or ``"recon"`` and ``"kl"``) and are logged.
-- ``sample(n, y)`` returns ``(n, B, x_dim)``: sample-first, always.
+- ``sample(n, y, temperature=1.0)`` returns ``(n, B, x_dim)``: sample-first, always; the
+  latent draw is scaled by ``temperature`` (z ~ N(0, temperature^2 I)).
 - ``log_prob(x, y)`` returns ``(B,)`` natural-log densities including every constant;
   estimators without a density (the cVAE) set ``has_density = False`` and raise.
 
@@ -39,5 +40,5 @@ class Estimator(nn.Module):
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no density")
 
-    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+    def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         raise NotImplementedError

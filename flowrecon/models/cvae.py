@@ -67,8 +67,9 @@ class CVAE(Estimator):
         kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1).mean()
         return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
 
-    def sample(self, n: int, y: Tensor) -> Tensor:
+    def sample(self, n: int, y: Tensor, temperature: float = 1.0) -> Tensor:
         z = torch.randn(n, y.shape[0], self.latent_dim, device=y.device, dtype=y.dtype)
+        z = temperature * z
         if self.latent_sampling == "train_stats":
             z = self.latent_mean + self.latent_std * z
         return self.decode(z, y.expand(n, *y.shape))

@@ -104,12 +104,12 @@ class FrEIAFlow(Estimator):
         z, ladj = self.to_latent(x, y)
         return standard_normal_log_prob(z) + ladj
 
-    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+    def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         batch = y.shape[0]
         # Embed the condition once, then repeat it: row i * B + b of the flattened batch
         # is sample i of event b, which the final reshape turns into (n, B, x_dim).
         c = self.condition_net(y)
-        z = torch.randn(n * batch, self.x_dim, dtype=c.dtype, device=c.device)
+        z = temperature * torch.randn(n * batch, self.x_dim, dtype=c.dtype, device=c.device)
         x, _ = self.inn(z, c=[c.repeat(n, 1)], rev=True, jac=False)
         return x.reshape(n, batch, self.x_dim)
 

@@ -49,12 +49,13 @@ class NflowsFlow(Estimator):
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.flow.log_prob(x, context=y)
 
-    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
+    def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         # Flow.sample returns context-first (B, n, D) and draws its noise in torch's
         # default dtype whatever the model's. This draws the same noise, in y's dtype, and
         # returns the same samples sample-first: Flow.sample(n, y).transpose(0, 1).
         batch = y.shape[0]
         z = torch.randn(batch, n, self.x_dim, dtype=y.dtype, device=y.device).transpose(0, 1)
+        z = temperature * z
         x = self.from_latent(z.reshape(n * batch, self.x_dim), y.repeat(n, 1))
         return x.reshape(n, batch, self.x_dim)
 

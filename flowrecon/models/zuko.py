@@ -40,8 +40,12 @@ class ZukoFlow(Estimator):
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.flow(y).log_prob(x)
 
-    def sample(self, n: int, y: torch.Tensor) -> torch.Tensor:
-        return self.flow(y).rsample((int(n),))
+    def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        dist = self.flow(y)
+        if temperature == 1.0:
+            return dist.rsample((int(n),))
+        # What NormalizingFlow.rsample does, with the base draw scaled.
+        return dist.transform.inv(temperature * dist.base.rsample((int(n),)))
 
 
 def build_nsf(
