@@ -299,7 +299,8 @@ def fit(
         click.echo(
             f"{model}: {result['epochs']} epochs in {time.perf_counter() - start:.0f} s "
             f"({result['stopped']}), best validation loss {result['best_val_loss']:.4g} "
-            f"at epoch {result['best_epoch']}"
+            f"at epoch {result['best_epoch']}; sampling temperature "
+            f"{result['temperature']:.3g} (calibrated on the validation split)"
         )
         click.echo(f"wrote {out}/model.pt, config.json, history.csv and learning curves")
         if result.get("message"):

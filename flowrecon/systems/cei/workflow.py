@@ -240,6 +240,7 @@ def fit_run(
             "stopped": history.stopped,
             "message": history.message,
             "seconds": history.seconds,
+            "temperature": generator.temperature_,
         },
         "flowrecon_version": fr.__version__,
     }
