@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from flowrecon.systems.cei.constants import MASSES
 from flowrecon.systems.cei.geometry import sample_ocs
 from flowrecon.systems.cei.physics import remove_centre_of_mass
-from flowrecon.systems.cei.refine import distinct_solutions, refine
+from flowrecon.systems.cei.refine import (
+    distinct_solutions,
+    refine,
+    refine_posterior,
+    solution_log_mass,
+)
 from flowrecon.systems.cei.simulator import asymptotic_momenta
 
 
@@ -119,7 +125,6 @@ def test_distinct_solutions_merges_and_ignores_unconverged():
 
 
 def test_refine_posterior_refines_the_mean_and_chosen_samples():
-    from flowrecon.systems.cei.refine import refine_posterior
 
     truth = sample_ocs(8, _gen(6))
     momenta = asymptotic_momenta(truth)
@@ -134,3 +139,45 @@ def test_refine_posterior_refines_the_mean_and_chosen_samples():
     assert (two.residual[two.converged] <= 1e-8).all()
     assert (only_mean.best_residual <= 1e-8).all()
     assert (only_mean.atom_error(truth.numpy()) < 1e-5).all()
+
+
+def test_solution_log_mass_is_prior_over_the_momentum_volume():
+    x = remove_centre_of_mass(torch.tensor([_GEOMETRY_A, _GEOMETRY_B], dtype=torch.float64))
+    m = torch.tensor(MASSES, dtype=torch.float64)
+
+    def momenta_of_relative(q: torch.Tensor, com: torch.Tensor) -> torch.Tensor:
+        c = com - (m[1] * q[:3] + m[2] * q[3:]) / m.sum()
+        pos = torch.cat([c, c + q[:3], c + q[3:]])[None]
+        return asymptotic_momenta(pos, general=True, compile=False)[0]
+
+    expected = []
+    for row in x:
+        a = row.reshape(3, 3)
+        q = torch.cat([a[1] - a[0], a[2] - a[0]])
+        com = (m[:, None] * a).sum(0) / m.sum()
+        jac = torch.autograd.functional.jacobian(lambda qq, c=com: momenta_of_relative(qq, c), q)
+        expected.append(2.0 - 0.5 * torch.logdet(jac.T @ jac).item())
+    got = solution_log_mass(x, lambda pos: np.full(len(pos), 2.0))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("favoured", [0, 1])
+def test_refine_posterior_picks_the_solution_of_largest_posterior_mass(favoured):
+    a = remove_centre_of_mass(torch.tensor([_GEOMETRY_A], dtype=torch.float64))
+    b = remove_centre_of_mass(torch.tensor([_GEOMETRY_B], dtype=torch.float64))
+    momenta = asymptotic_momenta(a)
+    # More samples near A than B, and the posterior mean nearer A.
+    starts = torch.cat([a.expand(5, 9), b.expand(3, 9)])
+    starts = remove_centre_of_mass(
+        starts + 0.02 * torch.randn(starts.shape, generator=_gen(6), dtype=torch.float64)
+    )
+    target = [a, b][favoured].numpy()[0]
+
+    def log_prior(pos: np.ndarray) -> np.ndarray:  # sharply peaked at the favoured one
+        return -50.0 * np.linalg.norm(pos - target, axis=-1) ** 2
+
+    refined = refine_posterior(starts[:, None], momenta, log_prior=log_prior)
+    assert refined.n_solutions[0] == 2
+    assert np.abs(refined.best[0] - target).max() < 1e-5
+    plain = refine_posterior(starts[:, None], momenta)  # without a prior: the refined mean
+    assert np.abs(plain.best[0] - a.numpy()[0]).max() < 1e-5

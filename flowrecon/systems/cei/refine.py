@@ -23,7 +23,7 @@ whose last step did not halve their squared residual.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,7 @@ __all__ = [
     "distinct_solutions",
     "refine",
     "refine_posterior",
+    "solution_log_mass",
 ]
 
 #: The coarse grid used for Jacobians only.
@@ -106,8 +107,9 @@ def _jacobian(
     m: torch.Tensor,
     charges: Sequence[float],
     compile: bool,
+    settings: IntegratorSettings | None = JACOBIAN_SETTINGS,
 ) -> torch.Tensor:
-    """d p / d q on the coarse grid, (B, 9, 6), by forward differences.
+    """d p / d q on the coarse grid (or ``settings``), (B, 9, 6), by forward differences.
 
     The base geometry and its six displaced copies go through the coarse simulator as one
     batch of 7B events: no autograd graph, and on CPU the fused (compiled) planar path,
@@ -121,7 +123,7 @@ def _jacobian(
         _to_positions(qq, com.repeat(7, 1), m),
         charges=charges,
         masses=m.tolist(),
-        settings=JACOBIAN_SETTINGS,
+        settings=settings,
         compile=compile,
     ).reshape(7, b, 9)
     return ((p[1:] - p[0]) / _FD_STEP).permute(1, 2, 0)
@@ -345,6 +347,34 @@ class RefinedPosterior:
         return np.linalg.norm(diff.reshape(-1, 3, 3), axis=-1).max(1)
 
 
+def solution_log_mass(
+    positions: np.ndarray | torch.Tensor,
+    log_prior: Callable[[np.ndarray], np.ndarray],
+    *,
+    charges: Sequence[float] = DEFAULT_CHARGES,
+    masses: Sequence[float] = MASSES,
+) -> np.ndarray:
+    """Log posterior mass of exact solutions x_s of one event, up to a common constant.
+
+    With noise-free momenta p = f(q) the posterior is a sum of point masses at the
+    solutions, each weighing prior(q_s) / sqrt(det J_s^T J_s), J_s = dp/dq (the momenta
+    span six dimensions, like q): a solution where the momenta change fast with the
+    geometry is less probable. ``log_prior`` must be a density over the relative
+    coordinates (as `flowrecon.systems.cei.likelihood.ocs_log_prior` is), so that
+    the two factors refer to the same coordinates.
+
+    Args:
+        positions: solutions (S, 9), bohr.
+        log_prior: log prior density of geometries (S, 9) -> (S,).
+    """
+    x = torch.as_tensor(np.asarray(torch.as_tensor(positions).cpu(), dtype=float))
+    m = _masses(masses, x)
+    q, com = _to_relative(x, m)
+    jac = _jacobian(q, com, m, charges, compile=False, settings=None)  # the full grid
+    log_volume = 0.5 * torch.logdet(jac.transpose(1, 2) @ jac).numpy()
+    return np.asarray(log_prior(x.numpy()), dtype=float) - log_volume
+
+
 def refine_posterior(
     samples: np.ndarray | torch.Tensor,
     momenta: np.ndarray | torch.Tensor,
@@ -356,6 +386,7 @@ def refine_posterior(
     chunk_size: int = 1 << 17,
     compile: bool | None = None,
     refine_samples: int | None = None,
+    log_prior: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> RefinedPosterior:
     """Refine K posterior samples per event and merge those that reach one geometry.
 
@@ -370,6 +401,10 @@ def refine_posterior(
         compile: see `asymptotic_momenta`.
         refine_samples: refine only the first this many samples (all by default); the
             posterior mean of all K is always refined too.
+        log_prior: log density of the geometry prior over relative coordinates (e.g.
+            `flowrecon.systems.cei.likelihood.ocs_log_prior`). When given, an event with
+            several solutions takes the one of largest posterior mass
+            (`solution_log_mass`) as ``best``; without it, the refined posterior mean.
     """
     import time
 
@@ -416,7 +451,11 @@ def refine_posterior(
                 masses=masses,
                 merge_tol=merge_tol,
             )
-            if not converged_all[0, i]:
+            if log_prior is not None and len(sol) > 1:
+                j = int(np.argmax(solution_log_mass(sol.positions, log_prior, charges=charges,
+                                                    masses=masses)))  # fmt: skip
+                best[i], best_residual[i] = sol.positions[j], sol.residual[j]
+            elif not converged_all[0, i]:
                 best[i], best_residual[i] = sol.positions[0], sol.residual[0]
             n_solutions[i] = len(sol)
     return RefinedPosterior(
