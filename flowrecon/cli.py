@@ -383,7 +383,8 @@ def models(details: str | None) -> None:
     "--prior",
     type=click.Choice(["ocs", "flat"]),
     default=None,
-    help="Geometry prior for --weights [default: ocs for the built-in data, else flat].",
+    help="Geometry prior for --weights, and for --refine to choose among several exact "
+    "solutions (ocs) [default: ocs for the built-in data, else flat].",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or printed tables.")
 @_friendly_errors

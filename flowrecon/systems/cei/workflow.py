@@ -364,7 +364,9 @@ def evaluate_run(
         noise: Relative momentum resolution of the data; default the run's built-in
             data set's.
         prior: ``"ocs"`` (the simulated OCS geometry distribution) or ``"flat"``;
-            default ``"ocs"`` for the built-in data set, else ``"flat"``.
+            default ``"ocs"`` for the built-in data set, else ``"flat"``. With ``"ocs"``,
+            refinement also takes, for an event with several exact solutions, the one of
+            largest posterior mass (`flowrecon.systems.cei.refine.solution_log_mass`).
     """
     import time
 
@@ -381,6 +383,8 @@ def evaluate_run(
         raise ValueError(f"need at least 2 posterior samples per event, got {samples}")
     run = load_run(run_dir, device=device)
     builtin = run.config.get("data", {}).get("builtin")
+    if prior is None and builtin and builtin.get("geometry") == "ocs":
+        prior = "ocs"
     if weights:
         if not run.model.has_density:
             raise ValueError(
@@ -449,7 +453,9 @@ def evaluate_run(
         bar.close()
     metrics["sampling_samples_per_s"] = timing["draws"] / max(timing["seconds"], 1e-12)
     if refine:
-        metrics.update(_refined_metrics(refine_starts, x_true, p_obs, charges, resim_max_events))
+        metrics.update(
+            _refined_metrics(refine_starts, x_true, p_obs, charges, resim_max_events, prior)
+        )
     if weights:
         ess = np.concatenate(weighted["ess"])
         w_err = np.linalg.norm((weighted["mean"] - x_true).reshape(-1, 3, 3), axis=-1)
@@ -540,12 +546,15 @@ def _refined_metrics(
     p_obs: np.ndarray,
     charges: tuple[float, ...],
     resim_max_events: int | None,
+    prior: str | None = None,
 ) -> dict[str, Any]:
     """Refine posterior samples and compute the point metrics of the refined predictions."""
+    from flowrecon.systems.cei.likelihood import ocs_log_prior
     from flowrecon.systems.cei.metrics import cei_metrics
     from flowrecon.systems.cei.refine import refine_posterior
 
-    refined = refine_posterior(starts, p_obs, charges=charges)
+    log_prior = ocs_log_prior if prior == "ocs" else None
+    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior)
     # One refined prediction an event: a single "sample", so only point metrics apply.
     point = cei_metrics(
         refined.best[None], x_true, p_obs, charges=charges, resim_max_events=resim_max_events
