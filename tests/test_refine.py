@@ -181,3 +181,6 @@ def test_refine_posterior_picks_the_solution_of_largest_posterior_mass(favoured)
     assert np.abs(refined.best[0] - target).max() < 1e-5
     plain = refine_posterior(starts[:, None], momenta)  # without a prior: the refined mean
     assert np.abs(plain.best[0] - a.numpy()[0]).max() < 1e-5
+    # B is not the chosen one, but it is among the solutions reported.
+    assert plain.atom_error(b.numpy())[0] > 1.0
+    assert plain.nearest_solution_error(b.numpy())[0] < 1e-5

@@ -346,6 +346,25 @@ class RefinedPosterior:
         )
         return np.linalg.norm(diff.reshape(-1, 3, 3), axis=-1).max(1)
 
+    def nearest_solution_error(
+        self, truth: np.ndarray, masses: Sequence[float] = MASSES
+    ) -> np.ndarray:
+        """(B,) largest atom distance from ``truth`` of the nearest exact solution found.
+
+        Considers ``best`` and every converged refined sample: an event whose momenta two
+        geometries explain equally well counts as recovered when the true one is among
+        the solutions reported, although ``best`` may be the other.
+        """
+        from flowrecon.systems.cei.physics import remove_centre_of_mass
+
+        t = remove_centre_of_mass(np.asarray(truth, dtype=float), masses).reshape(-1, 3, 3)
+        err = self.atom_error(truth, masses)
+        for k in range(self.samples.shape[0]):
+            x = remove_centre_of_mass(self.samples[k], masses).reshape(-1, 3, 3)
+            e = np.linalg.norm(x - t, axis=-1).max(1)
+            err = np.where(self.converged[k], np.minimum(err, e), err)
+        return err
+
 
 def solution_log_mass(
     positions: np.ndarray | torch.Tensor,
