@@ -173,11 +173,16 @@ def verdict(rows: list[dict]) -> list[str]:
 
         a, b = best(ours, lambda r: r["ade"]), best(theirs, lambda r: r["ade"])
         c, d = best(ours, calib), best(theirs, calib)
+        # The nine coordinates of an event are covered or missed together, so the
+        # statistical error of a coverage is about a binomial one over events.
+        n_events = c.get("n_test") or 1
+        err = (0.9 * 0.1 / n_events) ** 0.5
         lines.append(
             f"noise {noise:g}: best ade flowrecon {a['model']} {a['ade']:.4g} vs sbi "
             f"{b['model']} {b['ade']:.4g} ({'better' if a['ade'] < b['ade'] else 'WORSE'}); "
             f"best |coverage_90 - 0.9| flowrecon {c['model']} {calib(c):.3g} vs sbi "
-            f"{d['model']} {calib(d):.3g} ({'better' if calib(c) < calib(d) else 'WORSE'})"
+            f"{d['model']} {calib(d):.3g} ({'better' if calib(c) < calib(d) else 'WORSE'}; "
+            f"each coverage +-{err:.3f} statistically)"
         )
     return lines
 
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             metrics = cei_metrics(samples, xt, yt, charges=(2, 2, 2))
             record({
                 "tool": "flowrecon", "model": name, "noise": noise, **metrics,
+                "n_test": args.n_test,
                 "epochs": model.history_.epochs, "train_s": model.history_.seconds,
                 "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
             })  # fmt: skip
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             metrics = cei_metrics(samples.cpu(), xt, yt, charges=(2, 2, 2))
             record({
                 "tool": "sbi", "model": label, "noise": noise, **metrics, **facts,
+                "n_test": args.n_test,
                 "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
             })  # fmt: skip
     print(_table(env, args, rows))
