@@ -74,20 +74,12 @@ def plot_budget(rows: list[dict], path: Path) -> None:
             t = [m for m, _ in pts]
             axes[i, 0].plot(t, [r["ade"] for _, r in pts], "o-", label=name)
             axes[i, 1].plot(t, [abs(r["coverage_90"] - 0.9) for _, r in pts], "o-", label=name)
-        axes[i, 0].set(
-            xscale="log",
-            yscale="log",
-            xlabel="training budget (min)",
-            ylabel="ade (bohr)",
-            title=f"mean position error, noise {noise:g}",
-        )
-        axes[i, 1].set(
-            xscale="log",
-            yscale="log",
-            xlabel="training budget (min)",
-            ylabel="|coverage_90 - 0.90|",
-            title=f"calibration, noise {noise:g}",
-        )
+        for ax, ylabel, title in (
+            (axes[i, 0], "ade (bohr)", "mean position error"),
+            (axes[i, 1], "|coverage_90 - 0.90|", "calibration"),
+        ):
+            ax.set(xscale="log", yscale="log", xlabel="training budget (min)", ylabel=ylabel,
+                   title=f"{title}, noise {noise:g}")  # fmt: skip
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
