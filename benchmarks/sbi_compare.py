@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "n_test": args.n_test,
                 "samples_per_s": samples.shape[0] * samples.shape[1] / sample_s,
             })  # fmt: skip
+            # sbi's trainer keeps its data, optimiser and best state: free them before
+            # the next model (a run of eight models otherwise ran out of memory).
+            del posterior, samples
+            gc.collect()
     print(_table(env, args, rows))
     print("\n".join(verdict(rows)))
     return rows
