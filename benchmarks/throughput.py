@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 
 import flowrecon as fr  # noqa: E402
-from flowrecon.base import MAX_CHUNK, resolve_device  # noqa: E402
+from flowrecon.base import CPU_MAX_CHUNK, resolve_device  # noqa: E402
 from flowrecon.registry import MODELS, hparam_defaults, is_installed  # noqa: E402
 from flowrecon.systems.cei.geometry import sample_ocs, simulate_events  # noqa: E402
 from flowrecon.systems.cei.simulator import asymptotic_momenta  # noqa: E402
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.epoch_events = 1_000_000 if cuda else 200_000
     if args.max_chunk is None:
         # Bigger chunks keep a GPU busy; on CPU the library's default is what users get.
-        args.max_chunk = 1 << 21 if cuda else MAX_CHUNK
+        args.max_chunk = 1 << 21 if cuda else CPU_MAX_CHUNK
     batch_sizes, conditions = _ints(args.batch_sizes), _ints(args.sample_conditions)
     compile_flag = {"auto": device.type == "cpu", "on": True, "off": False}[args.simulator_compile]
     if args.tf32:
