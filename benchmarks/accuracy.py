@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true",
-        help="20k events, 500 test events, budgets of at most 1 min, 3 models by default",
+        help="20k events, 500 test events, budgets of at most 15 s, 3 models by default; "
+        "results go to *_quick files",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--stem", default=None, help="accuracy, or accuracy_budget for several")
@@ -116,12 +117,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.minutes = sorted(set(args.minutes or [15.0]))
     if args.quick:
         args.n_train, args.n_test = min(args.n_train, 20_000), min(args.n_test, 500)
-        args.minutes = sorted({min(m, 1.0) for m in args.minutes})
+        args.minutes = sorted({min(m, 0.25) for m in args.minutes})
         args.samples = min(args.samples, 50)
         if args.models == "all":
             args.models = "cvae,freia-cinn,zuko-nsf"
     if args.stem is None:
         args.stem = "accuracy" if len(args.minutes) == 1 else "accuracy_budget"
+        args.stem += "_quick" if args.quick else ""
     noises = args.noise or [0.0, 0.01]
     names = list(MODELS) if args.models == "all" else args.models.split(",")
     unknown = [n for n in names if n not in MODELS]

@@ -3,7 +3,7 @@
 Usage:
     pip install -e ".[bench]"                      # sbi is a benchmark dependency only
     python benchmarks/sbi_compare.py               # 200,000 events, 4 min a model
-    python benchmarks/sbi_compare.py --quick       # 20,000 events, 1 min a model
+    python benchmarks/sbi_compare.py --quick       # 20,000 events, 15 s a model
     python benchmarks/sbi_compare.py --ours zuko-nsf,freia-cinn --sbi maf,zuko_nsf
 
 For each momentum-noise level, simulates ``--n-train`` OCS events and ``--n-test``
@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--noise", type=float, action="append", help="relative momentum noise")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="20k events, 1 min a model")
+    parser.add_argument(
+        "--quick", action="store_true", help="20k events, 15 s a model, into sbi_quick.*"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--stem", default="sbi")
     args = parser.parse_args(argv)
@@ -215,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("sbi is not installed: pip install -e '.[bench]' (or pip install sbi)")
     if args.quick:
         args.n_train, args.n_test = min(args.n_train, 20_000), min(args.n_test, 500)
-        args.minutes, args.samples = min(args.minutes, 1.0), min(args.samples, 50)
+        args.minutes, args.samples = min(args.minutes, 0.25), min(args.samples, 50)
+        args.stem += "_quick" if args.stem == "sbi" else ""
     ours = [n for n in args.ours.split(",") if n]
     unknown = [n for n in ours if n not in MODELS]
     if unknown:
