@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from flowrecon import registry
-from flowrecon.models._estimator import Estimator
+from flowrecon.models._estimator import Estimator, standard_normal_log_prob
 from flowrecon.preprocessing import Pipeline, resolve_transform
 from flowrecon.training import History, _save_atomic, split_indices, train, training_options
 
@@ -510,12 +510,7 @@ class ConditionalGenerator:
                     lp = est.log_prob(xm, ym)
                 else:  # z = f(x) ~ N(0, T^2 I): the density the tempered samples follow
                     z, ladj = est.to_latent(xm, ym)
-                    d = z.shape[-1]
-                    lp = (
-                        -0.5 * (z / temp).square().sum(-1)
-                        - d * (math.log(temp) + 0.5 * math.log(2 * math.pi))
-                        + ladj
-                    )
+                    lp = standard_normal_log_prob(z / temp) - z.shape[-1] * math.log(temp) + ladj
                 out.append(lp.to(torch.float64) + pipe.log_abs_det_x(xc, yc))
         lp = torch.cat(out) if out else xf.new_zeros(0)
         return _output(lp.reshape(shape), x)

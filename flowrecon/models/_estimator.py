@@ -18,8 +18,12 @@ log|det df/dx|``, the log-determinant taken of the map from x (data) to z (laten
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
 class Estimator(nn.Module):
@@ -42,3 +46,13 @@ class Estimator(nn.Module):
 
     def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """Log density of N(0, I) over the last axis, including the -D/2 log(2 pi) constant.
+
+    Example:
+        >>> standard_normal_log_prob(torch.zeros(1, 2, dtype=torch.float64))  # -log(2 pi)
+        tensor([-1.8379], dtype=torch.float64)
+    """
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI)

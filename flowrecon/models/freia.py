@@ -11,7 +11,6 @@ standard normal density.
 """
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import FrEIA.framework as Ff
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowrecon.models._estimator import Estimator
+from flowrecon.models._estimator import Estimator, standard_normal_log_prob
 from flowrecon.nn import (
     check_at_least,
     check_conditional_dims,
@@ -40,8 +39,6 @@ _COUPLINGS: dict[str, type[Fm.InvertibleModule]] = {
 }
 _CLAMP_ACTIVATIONS = {"atan": "ATAN", "tanh": "TANH", "sigmoid": "SIGMOID"}
 _GLOBAL_AFFINE_TYPES = {"softplus": "SOFTPLUS", "sigmoid": "SIGMOID", "exp": "EXP"}
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 class ReversePermutation(Fm.InvertibleModule):
@@ -112,16 +109,6 @@ class FrEIAFlow(Estimator):
         z = temperature * torch.randn(n * batch, self.x_dim, dtype=c.dtype, device=c.device)
         x, _ = self.inn(z, c=[c.repeat(n, 1)], rev=True, jac=False)
         return x.reshape(n, batch, self.x_dim)
-
-
-def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """Log density of N(0, I) over the last axis, including the -D/2 log(2 pi) constant.
-
-    Example:
-        >>> standard_normal_log_prob(torch.zeros(1, 2, dtype=torch.float64))  # -log(2 pi)
-        tensor([-1.8379], dtype=torch.float64)
-    """
-    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI)
 
 
 def build_cinn(
