@@ -55,6 +55,7 @@ from flowrecon.registry import MODELS, is_installed  # noqa: E402
 from flowrecon.systems.cei.constants import MASSES  # noqa: E402
 from flowrecon.systems.cei.geometry import simulate_events  # noqa: E402
 from flowrecon.systems.cei.metrics import cei_metrics  # noqa: E402
+from flowrecon.systems.cei.refine import _masses, _to_positions, _to_relative  # noqa: E402
 
 COLUMNS = (
     "tool", "model", "noise", "ade", "ade_sample", "bond_error_co", "bond_error_cs",
@@ -123,16 +124,14 @@ def train_sbi(
 
 def to_relative(x: torch.Tensor) -> torch.Tensor:
     """(B, 9) positions -> (B, 6) relative coordinates r_CO = x_O - x_C, r_CS = x_S - x_C."""
-    a = x.reshape(-1, 3, 3)
-    return torch.cat([a[:, 1] - a[:, 0], a[:, 2] - a[:, 0]], 1)
+    return _to_relative(x, _masses(MASSES, x))[0]
 
 
 def from_relative(q: torch.Tensor) -> torch.Tensor:
     """(..., 6) relative coordinates -> (..., 9) positions with the centre of mass at 0."""
-    m = torch.as_tensor(MASSES, dtype=q.dtype, device=q.device)
-    r1, r2 = q[..., :3], q[..., 3:]
-    c = -(m[1] * r1 + m[2] * r2) / m.sum()
-    return torch.cat([c, c + r1, c + r2], -1)
+    flat = q.reshape(-1, 6)
+    x = _to_positions(flat, torch.zeros_like(flat[:, :3]), _masses(MASSES, q))
+    return x.reshape(*q.shape[:-1], 9)
 
 
 def sample_sbi(posterior, y: torch.Tensor, n: int, chunk: int = 2000) -> torch.Tensor:
@@ -166,14 +165,11 @@ def verdict(rows: list[dict]) -> list[str]:
         if not ours or not theirs:
             continue
 
-        def best(rs: list[dict], key) -> dict:
-            return min(rs, key=key)
-
         def calib(r: dict) -> float:
             return abs(r["coverage_90"] - 0.9)
 
-        a, b = best(ours, lambda r: r["ade"]), best(theirs, lambda r: r["ade"])
-        c, d = best(ours, calib), best(theirs, calib)
+        a, b = min(ours, key=lambda r: r["ade"]), min(theirs, key=lambda r: r["ade"])
+        c, d = min(ours, key=calib), min(theirs, key=calib)
         # The nine coordinates of an event are covered or missed together, so the
         # statistical error of a coverage is about a binomial one over events.
         n_events = c.get("n_test") or 1
