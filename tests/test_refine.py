@@ -83,15 +83,20 @@ _GEOMETRY_A = [0.0, 0.0, 0.0, 1.6, 0.0, 0.0, 3.6 * math.cos(_ANGLE), 3.6 * math.
 _GEOMETRY_B = [-2.026706, -0.898181, 0.0, 2.017218, -0.104998, 0.0, -0.247371, 0.388893, 0.0]
 
 
-def test_an_event_with_two_geometries_returns_both():
+def _two_geometry_event(near_a: int, near_b: int, seed: int):
+    """Geometries A and B (COM at 0), their common momenta, and samples scattered
+    0.02 bohr around each, as a two-mode posterior would give."""
     a = remove_centre_of_mass(torch.tensor([_GEOMETRY_A], dtype=torch.float64))
     b = remove_centre_of_mass(torch.tensor([_GEOMETRY_B], dtype=torch.float64))
-    momenta = asymptotic_momenta(a)
-    # Posterior samples around both geometries, as a multi-modal posterior would give.
-    starts = torch.cat([a.expand(6, 9), b.expand(6, 9)])
+    starts = torch.cat([a.expand(near_a, 9), b.expand(near_b, 9)])
     starts = remove_centre_of_mass(
-        starts + 0.02 * torch.randn(starts.shape, generator=_gen(5), dtype=torch.float64)
+        starts + 0.02 * torch.randn(starts.shape, generator=_gen(seed), dtype=torch.float64)
     )
+    return a, b, asymptotic_momenta(a), starts
+
+
+def test_an_event_with_two_geometries_returns_both():
+    a, b, momenta, starts = _two_geometry_event(6, 6, seed=5)
     result = refine(starts, momenta.expand(12, 9))
     solutions = distinct_solutions(result.positions, result.residual, result.converged)
     assert len(solutions) == 2
@@ -163,14 +168,8 @@ def test_solution_log_mass_is_prior_over_the_momentum_volume():
 
 @pytest.mark.parametrize("favoured", [0, 1])
 def test_refine_posterior_picks_the_solution_of_largest_posterior_mass(favoured):
-    a = remove_centre_of_mass(torch.tensor([_GEOMETRY_A], dtype=torch.float64))
-    b = remove_centre_of_mass(torch.tensor([_GEOMETRY_B], dtype=torch.float64))
-    momenta = asymptotic_momenta(a)
     # More samples near A than B, and the posterior mean nearer A.
-    starts = torch.cat([a.expand(5, 9), b.expand(3, 9)])
-    starts = remove_centre_of_mass(
-        starts + 0.02 * torch.randn(starts.shape, generator=_gen(6), dtype=torch.float64)
-    )
+    a, b, momenta, starts = _two_geometry_event(5, 3, seed=6)
     target = [a, b][favoured].numpy()[0]
 
     def log_prior(pos: np.ndarray) -> np.ndarray:  # sharply peaked at the favoured one
