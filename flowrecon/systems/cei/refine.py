@@ -18,7 +18,7 @@ simulator, so the iteration converges to the exact solution of the full simulato
 approximate Jacobian only makes it converge linearly instead of quadratically, with a
 rate of about the Jacobian's relative error.
 Because the Jacobian changes little near the solution, it is recomputed only for events
-whose last step did not halve their squared residual.
+whose last step did not cut their squared residual at least a hundredfold.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def refine(
         cost_try = (r_try * r_try).sum(1)
         better = torch.isfinite(cost_try) & (cost_try < cost[active])
         keep = active[better]
-        # Slow progress (squared residual not halved) means the Jacobian, frozen
+        # Slow progress (squared residual not cut by _SLOW) means the Jacobian, frozen
         # since it was last computed, is off; unless it was taken at this very point.
         slow = ~better | (cost_try > _SLOW * cost[active])
         stale[active[slow & (better | ~fresh[active])]] = True
@@ -339,12 +339,7 @@ class RefinedPosterior:
 
         Both centres of mass are removed first: momenta cannot observe them.
         """
-        from flowrecon.systems.cei.physics import remove_centre_of_mass
-
-        diff = remove_centre_of_mass(self.best, masses) - remove_centre_of_mass(
-            np.asarray(truth, dtype=float), masses
-        )
-        return np.linalg.norm(diff.reshape(-1, 3, 3), axis=-1).max(1)
+        return _atom_distance(self.best, truth, masses)
 
     def nearest_solution_error(
         self, truth: np.ndarray, masses: Sequence[float] = MASSES
@@ -355,15 +350,19 @@ class RefinedPosterior:
         geometries explain equally well counts as recovered when the true one is among
         the solutions reported, although ``best`` may be the other.
         """
-        from flowrecon.systems.cei.physics import remove_centre_of_mass
+        per_sample = np.where(self.converged, _atom_distance(self.samples, truth, masses), np.inf)
+        return np.minimum(self.atom_error(truth, masses), per_sample.min(0, initial=np.inf))
 
-        t = remove_centre_of_mass(np.asarray(truth, dtype=float), masses).reshape(-1, 3, 3)
-        err = self.atom_error(truth, masses)
-        for k in range(self.samples.shape[0]):
-            x = remove_centre_of_mass(self.samples[k], masses).reshape(-1, 3, 3)
-            e = np.linalg.norm(x - t, axis=-1).max(1)
-            err = np.where(self.converged[k], np.minimum(err, e), err)
-        return err
+
+def _atom_distance(x: np.ndarray, truth: np.ndarray, masses: Sequence[float]) -> np.ndarray:
+    """Largest atom distance between geometries ``(..., B, 9)`` and ``truth`` ``(B, 9)``,
+    centres of mass removed, shape ``(..., B)``."""
+    from flowrecon.systems.cei.physics import remove_centre_of_mass
+
+    diff = remove_centre_of_mass(np.asarray(x, dtype=float), masses) - remove_centre_of_mass(
+        np.asarray(truth, dtype=float), masses
+    )
+    return np.linalg.norm(diff.reshape(*diff.shape[:-1], 3, 3), axis=-1).max(-1)
 
 
 def solution_log_mass(
