@@ -383,8 +383,7 @@ def evaluate_run(
         raise ValueError(f"need at least 2 posterior samples per event, got {samples}")
     run = load_run(run_dir, device=device)
     builtin = run.config.get("data", {}).get("builtin")
-    if prior is None and builtin and builtin.get("geometry") == "ocs":
-        prior = "ocs"
+    prior = prior or ("ocs" if builtin and builtin.get("geometry") == "ocs" else "flat")
     if weights:
         if not run.model.has_density:
             raise ValueError(
@@ -393,7 +392,6 @@ def evaluate_run(
         noise = noise if noise is not None else (builtin or {}).get("momentum_noise")
         if not noise:
             raise ValueError("weights need the data's momentum noise: give --noise SIGMA (> 0)")
-        prior = prior or ("ocs" if builtin and builtin.get("geometry") == "ocs" else "flat")
     out = Path(out) if out is not None else run.directory
     out.mkdir(parents=True, exist_ok=True)
     x_true, p_obs, what, data_path = _events_to_evaluate(run, data, drop_invalid)
