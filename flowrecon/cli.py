@@ -331,10 +331,16 @@ def models(details: str | None) -> None:
     rows = available_models()
     presets = available_presets()
     width = max(len(r["name"]) for r in [*rows, *presets]) + 2
-    click.echo(f"{'model':<{width}}{'backend':<10}{'installed':<11}{'density':<9}description")
-    for r in rows:
+    aliases = [", ".join(r["aliases"]) for r in rows]
+    short = max(len("short names"), *(len(a) for a in aliases)) + 2
+    click.echo(
+        f"{'model':<{width}}{'short names':<{short}}{'backend':<10}{'installed':<11}"
+        f"{'density':<9}description"
+    )
+    for r, alias in zip(rows, aliases):
         click.echo(
-            f"{r['name']:<{width}}{r['backend']:<10}{'yes' if r['installed'] else 'no':<11}"
+            f"{r['name']:<{width}}{alias:<{short}}{r['backend']:<10}"
+            f"{'yes' if r['installed'] else 'no':<11}"
             f"{'yes' if r.get('has_density', True) else 'no':<9}{r['description']}"
         )
     if presets:

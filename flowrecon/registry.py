@@ -142,6 +142,35 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: Short names users type, and what they stand for (``flowrecon models`` lists them).
+ALIASES: dict[str, str] = {
+    "cinn": "freia-cinn",
+    "inn": "freia-cinn",
+    "allinone": "freia-allinone",
+    "nsf": "zuko-nsf",
+    "maf": "zuko-maf",
+    "realnvp": "zuko-realnvp",
+    "vae": "cvae",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registered model or preset a name stands for: aliases and any letter case.
+
+    Names that match nothing are returned unchanged, so that the caller's error names them.
+
+    Example:
+        >>> canonical_name("cinn"), canonical_name("ZUKO-NSF"), canonical_name("zuko-nfs")
+        ('freia-cinn', 'zuko-nsf', 'zuko-nfs')
+    """
+    if not isinstance(name, str):
+        return name
+    key = name.strip().lower()
+    if key in MODELS or key in PRESETS:
+        return key
+    return ALIASES.get(key, name)
+
+
 def did_you_mean(name: str, valid: list[str]) -> str:
     """' Did you mean X?' for the closest valid name, or '' when none is close."""
     close = difflib.get_close_matches(name, valid, n=1)
@@ -150,17 +179,21 @@ def did_you_mean(name: str, valid: list[str]) -> str:
 
 def _unknown_model(name: str) -> ValueError:
     valid = sorted(MODELS)
+    known = valid + sorted(PRESETS) + sorted(ALIASES)
+    hint = did_you_mean(str(name).lower(), known)
     return ValueError(
-        f"unknown model {name!r}.{did_you_mean(name, valid + sorted(PRESETS))} "
-        f"Valid models: {', '.join(valid)}; presets: {', '.join(sorted(PRESETS))}"
+        f"unknown model {name!r}.{hint} Valid models: {', '.join(valid)}; presets: "
+        f"{', '.join(sorted(PRESETS))}; short names: "
+        + ", ".join(f"{a} ({m})" for a, m in ALIASES.items())
     )
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of a registered model; unknown names raise with a suggestion."""
-    if name not in MODELS:
+    """The spec of a registered model (or its short name); unknown names raise with a hint."""
+    key = canonical_name(name)
+    if key not in MODELS:
         raise _unknown_model(name)
-    return MODELS[name]
+    return MODELS[key]
 
 
 def is_installed(name: str) -> bool:
@@ -222,6 +255,7 @@ def resolve(
         ('freia-cinn', {'blocks': 4, 'coupling': 'affine', 'permute': 'flip'})
     """
     hparams = dict(hparams or {})
+    name = canonical_name(name)
     if name in PRESETS:
         preset = PRESETS[name]
         model, merged, training = preset.model, {**preset.hparams, **hparams}, dict(preset.training)
@@ -305,6 +339,7 @@ def _type_name(annotation: Any) -> str:
 def describe_model(name: str) -> dict[str, Any]:
     """Name, backend, description and hyper-parameters (default and type) of a model."""
     spec = get_spec(name)
+    name = canonical_name(name)
     info: dict[str, Any] = {
         "name": name,
         "backend": spec.backend,
@@ -335,6 +370,7 @@ def available_models() -> list[dict[str, Any]]:
             "installed": is_installed(name),
             "has_density": spec.has_density,
             "description": spec.description,
+            "aliases": [a for a, m in ALIASES.items() if m == name],
         }
         for name, spec in MODELS.items()
     ]

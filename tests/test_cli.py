@@ -225,6 +225,7 @@ def test_sample_writes_event_and_sample_ids(runner, tiny_run, tmp_path):
         (["sample", "--run", "RUN", "--data", "DATA", "--out", "s.txt"], "unsupported output"),
         (["compare", "cvae", "zuko-nfs", "--epochs", "1"], "Did you mean 'zuko-nsf'"),
         (["compare", "cvae", "cvae"], "named twice"),
+        (["compare", "cinn", "freia-cinn"], "named twice"),
     ],
 )
 def test_evaluate_sample_compare_bad_input(runner, tiny_run, small_data, args, message):

@@ -339,9 +339,28 @@ def test_available_models_lists_every_registered_model() -> None:
     listed = fr.available_models()
     assert [m["name"] for m in listed] == list(registry.MODELS)
     assert all(
-        set(m) == {"name", "backend", "installed", "has_density", "description"} for m in listed
+        set(m) == {"name", "backend", "installed", "has_density", "description", "aliases"}
+        for m in listed
     )
     assert {m["name"]: m["has_density"] for m in listed}["cvae"] is False
+
+
+@pytest.mark.parametrize(
+    ("short", "model"),
+    [("cinn", "freia-cinn"), ("nsf", "zuko-nsf"), ("maf", "zuko-maf"),
+     ("realnvp", "zuko-realnvp"), ("allinone", "freia-allinone"), ("ZUKO-NSF", "zuko-nsf")],
+)  # fmt: skip
+def test_short_names_and_any_case_resolve_to_registered_models(short: str, model: str) -> None:
+    assert registry.resolve(short)[0] == model
+    assert short in registry.ALIASES or short.lower() == model
+    if short in registry.ALIASES:
+        listed = {m["name"]: m["aliases"] for m in fr.available_models()}
+        assert short in listed[model]
+
+
+def test_unknown_name_in_capitals_gets_a_suggestion() -> None:
+    with pytest.raises(ValueError, match="Did you mean 'zuko-nsf'"):
+        fr.make("ZUKO-NFS")
 
 
 def test_presets_resolve_to_valid_hyper_parameters() -> None:

@@ -738,14 +738,16 @@ def compare_runs(
     import pandas as pd
 
     from flowrecon import plots
-    from flowrecon.registry import resolve
+    from flowrecon.registry import canonical_name, resolve
 
     if not models:
         raise ValueError("name at least one model to compare")
-    if len(set(models)) != len(models):
-        raise ValueError(f"a model is named twice in {models}")
     for name in models:
         resolve(name)  # every name is checked before any training starts
+    # Short names stand for registered ones: `compare cinn freia-cinn` names one model twice.
+    models = [canonical_name(name) for name in models]
+    if len(set(models)) != len(models):
+        raise ValueError(f"a model is named twice in {models}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
