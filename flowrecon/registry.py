@@ -19,11 +19,14 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ def resolve(
         model, merged, training = name, hparams, {}
     else:
         raise _unknown_model(name)
-    return model, check_hparams(model, merged), training
+    return model, coerce_hparams(model, merged), training
 
 
 def build_estimator(name: str, x_dim: int, y_dim: int, **hparams: Any) -> Any:
@@ -272,45 +275,102 @@ def build_estimator(name: str, x_dim: int, y_dim: int, **hparams: Any) -> Any:
     return get_builder(name)(x_dim, y_dim, **hparams)
 
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Converts a string from the command line to the annotated type."""
-    if not isinstance(value, str):
-        return value
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def coerce_value(value: Any, annotation: Any) -> Any:
+    """A value for a parameter annotated ``annotation``: strings parsed, others checked.
+
+    Strings come from the command line (``--hparam k=v``, ``--set k=v``) or TOML; other
+    values (from the library or TOML) must already fit: ``hidden=1.5``, ``hidden=True``
+    and ``hidden="abc"`` for an ``int`` are errors, not a silent ``1``.
+
+    Example:
+        >>> coerce_value("2,1,1", tuple[float, ...]), coerce_value(3, float)
+        ((2.0, 1.0, 1.0), 3.0)
+        >>> coerce_value(1.5, int)
+        Traceback (most recent call last):
+        ...
+        ValueError: expected an integer, got 1.5
+    """
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return value
     if origin in (typing.Union, types.UnionType):
-        if value.lower() in ("none", "null") and type(None) in args:
-            return None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"cannot read {value!r} as {annotation}")
+                return coerce_value(value, arg)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(dict.fromkeys(errors)) or f"cannot read {value!r}")
     if origin is typing.Literal:
         for arg in args:
-            if str(arg) == value:
+            if arg == value or str(arg) == str(value):
                 return arg
         raise ValueError(f"{value!r} is not one of {', '.join(map(repr, args))}")
     if annotation is bool:
-        low = value.lower()
+        if isinstance(value, bool | np.bool_):
+            return bool(value)
+        low = str(value).lower() if isinstance(value, str) else None
         if low in ("true", "1", "yes", "on"):
             return True
         if low in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"cannot read {value!r} as a boolean")
-    if annotation in (int, float):
-        return annotation(value)
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        if _is_number(value) and float(value).is_integer():
+            return int(value)
+        raise ValueError(f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        elif _is_number(value):
+            number = float(value)
+        else:
+            raise ValueError(f"expected a number, got {value!r}")
+        if math.isnan(number):
+            raise ValueError("expected a number, got NaN")
+        return number
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected text, got {value!r}")
     if origin in (list, tuple) or annotation in (list, tuple):
-        item = args[0] if args else str
-        items = [_coerce(v.strip(), item) for v in value.strip("[]()").split(",") if v.strip()]
+        item = args[0] if args else Any
+        if isinstance(value, str):
+            parts = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            parts = list(value)
+        else:
+            raise ValueError(f"expected a comma-separated list, got {value!r}")
+        items = [coerce_value(v, item) for v in parts]
         return tuple(items) if origin is tuple or annotation is tuple else items
     return value
 
 
+# The old private name, kept for callers inside the package.
+_coerce = coerce_value
+
+
 def coerce_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Validates names and converts string values (e.g. from ``--hparam k=v``) by type hint.
+    """Validates names, converts strings (e.g. from ``--hparam k=v``) and checks types.
 
     Example:
         >>> coerce_hparams("cvae", {"hidden_dim": "64", "beta": "0.5"})
