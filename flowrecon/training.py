@@ -48,6 +48,13 @@ PhysicsLoss = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 UserView = Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor, Tensor]]
 
 
+#: ``on_epoch(epoch, train, val)``: called after every epoch with the epoch (1-based) and
+#: that epoch's train and validation components (name -> value; val is empty without
+#: validation data). An exception it raises stops training at once and propagates, after
+#: the best state is restored: a hyper-parameter search prunes a trial this way.
+EpochCallback = Callable[[int, Mapping[str, float], Mapping[str, float]], None]
+
+
 #: Learning-rate schedules of `train`.
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "plateau")
 
@@ -173,6 +180,7 @@ def train(
     seed: int = 0,
     user_view: UserView | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> History:
     """Trains ``estimator`` in place on model-space tensors; returns the `History`.
 
@@ -212,6 +220,8 @@ def train(
         seed: Seed of the batch order.
         user_view: Maps model-space samples to the physics loss's space (see `UserView`).
         on_checkpoint: Called with the epoch whenever the best state improves.
+        on_epoch: Called after every epoch (see `EpochCallback`); what it raises ends
+            training and propagates.
 
     Example:
         >>> from flowrecon.models.cvae import build_cvae
@@ -397,6 +407,12 @@ def train(
                 train=f"{history.train['total'][-1]:.4g}",
                 val=f"{history.val['total'][-1]:.4g}" if history.val else "-",
             )
+            if on_epoch is not None:
+                on_epoch(
+                    epoch,
+                    {k: v[-1] for k, v in history.train.items()},
+                    {k: v[-1] for k, v in history.val.items()},
+                )
             if history.stopped == "max_minutes":
                 break
             if patience and wait >= patience:
