@@ -470,8 +470,13 @@ def redact(url: str) -> str:
 
 
 def _open_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats: a killed worker's trial is failed and queued again."""
+    """An RDB storage with heartbeats: a killed worker's trial is failed and queued again.
+
+    Processes that open a fresh database at the same moment may race to create its
+    tables: the loser tries again.
+    """
     import optuna
+    import sqlalchemy.exc
 
     engine: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -479,15 +484,47 @@ def _open_storage(url: str, heartbeat_interval: int | None) -> optuna.storages.R
         engine["connect_args"] = {"timeout": 120}
     else:
         engine["pool_pre_ping"] = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval,
-            heartbeat_stale_trial_callback=_requeue_stale if heartbeat_interval else None,
-        )
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=None if heartbeat_interval is None else 3 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=_requeue_stale if heartbeat_interval else None,
+                )
+            break
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if attempt == 4:
+                first = str(err).strip().splitlines()[0]
+                raise ValueError(f"cannot open storage {redact(url)}: {first}") from None
+            time.sleep(0.2 + 0.8 * np.random.default_rng().random())
+    if url.startswith("sqlite"):
+        _serialise_sqlite(storage.engine)
+    return storage
+
+
+def _serialise_sqlite(engine: Any) -> None:
+    """Every SQLite transaction takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    SQLite has no row locks (``SELECT ... FOR UPDATE``): without this, two processes can
+    both read a queued trial as waiting and both run it. The Python driver's own
+    transaction handling is turned off so that SQLAlchemy's ``begin`` decides (the
+    recipe of SQLAlchemy's SQLite documentation).
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(connection: Any, record: Any) -> None:
+        connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners existed
 
 
 def _requeue_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -1024,9 +1061,10 @@ def _figures(study: optuna.Study, out: Path) -> tuple[dict[str, Path], list[str]
     """Optimisation history, parameter importances and per-epoch losses, as PNG files.
 
     Drawn with Optuna's matplotlib visualisation on pyplot figures that are closed at
-    once (no figure is left open in the caller's pyplot); a figure that cannot be drawn
-    (too few finished trials) is skipped with a note.
+    once, with pyplot's style restored after (no state leaks into the caller's pyplot);
+    a figure that cannot be drawn (too few finished trials) is skipped with a note.
     """
+    import matplotlib
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
     from optuna.trial import TrialState
@@ -1045,7 +1083,8 @@ def _figures(study: optuna.Study, out: Path) -> tuple[dict[str, Path], list[str]
             continue
         before = set(plt.get_fignums())
         try:
-            with plt.ioff(), _optuna_quiet(False):
+            # Optuna's plots switch pyplot's style: rc_context puts it back.
+            with matplotlib.rc_context(), plt.ioff(), _optuna_quiet(False):
                 ax = draw()
                 figure = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
                 figure.set_size_inches(8, 5)
@@ -1108,11 +1147,13 @@ def write_results(
     generator: Mapping[str, Any] | None = None,
     seed: int = 0,
     url: str = "",
+    figures: bool = True,
 ) -> TuneResult:
     """Writes ``best.toml``, ``trials.csv``, the figures and ``summary.txt`` into ``out``.
 
     Any process can call it on a study at any time (a study run elsewhere, or one still
-    running): it reads the storage only.
+    running): it reads the storage only. ``figures=False`` skips the figures (and the
+    seconds that importing their libraries takes).
     """
     from optuna.trial import TrialState
 
@@ -1137,8 +1178,8 @@ def write_results(
         )
         files["best"] = out / "best.toml"
         files["best"].write_text(to_toml(config, header))
-    figures, notes = _figures(study, out)
-    files.update(figures)
+    drawn, notes = _figures(study, out) if figures else ({}, [])
+    files.update(drawn)
     result = TuneResult(
         study=study.study_name,
         storage=redact(url),
@@ -1293,6 +1334,7 @@ def tune(
     generator_options: Mapping[str, Any] | None = None,
     include_default: bool = True,
     heartbeat_interval: int | None = 30,
+    figures: bool = True,
     progress: bool = False,
 ) -> TuneResult:
     """Searches the hyper-parameters of ``model`` with Optuna; returns the `TuneResult`.
@@ -1335,6 +1377,7 @@ def tune(
         include_default: Queue the default configuration as the study's first trial.
         heartbeat_interval: Seconds between a running trial's heartbeats; a trial silent
             for three intervals is failed and queued again. None turns heartbeats off.
+        figures: Draw the optimisation history, importances and per-epoch losses.
         progress: Print a line per finished trial.
 
     Raises:
@@ -1387,13 +1430,15 @@ def tune(
             _run_workers(job, data, workers, out)
     except KeyboardInterrupt:
         interrupted = True
-    result = _finish(the_study, job, out, seed)
+    result = _finish(the_study, job, out, seed, figures)
     if interrupted:
         raise KeyboardInterrupt(f"tuning interrupted; {out / 'summary.txt'} says how far it got")
     return result
 
 
-def _finish(study: optuna.Study, job: _Job, out: Path, seed: int | None) -> TuneResult:
+def _finish(
+    study: optuna.Study, job: _Job, out: Path, seed: int | None, figures: bool
+) -> TuneResult:
     """Fails trials whose heartbeat went stale, then writes the results."""
     import optuna
 
@@ -1410,4 +1455,5 @@ def _finish(study: optuna.Study, job: _Job, out: Path, seed: int | None) -> Tune
             generator=job.generator,
             seed=seed or 0,
             url=job.url,
+            figures=figures,
         )
