@@ -317,11 +317,21 @@ def simulate(
     frame = simulate_data(system, n, seed=seed, progress=_show_progress(quiet), device=device)
     write_table(frame, out)
     if not quiet:
-        described = ", ".join(f"{k} {v}" for k, v in system.options.items() if v is not None)
         click.echo(
-            f"wrote {n} {system.name} rows ({system.description}; {described}) to {out} in "
-            f"{time.perf_counter() - start:.1f} s"
+            f"wrote {n} rows of {system.description} ({_describe(system.options)}) to {out} "
+            f"in {time.perf_counter() - start:.1f} s"
         )
+
+
+def _describe(options: Mapping[str, Any]) -> str:
+    """``charges 2,2,2, geometry ocs``: options as a user would type them."""
+
+    def text(v: Any) -> str:
+        if isinstance(v, list | tuple):
+            return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k} {text(v)}" for k, v in options.items() if v is not None)
 
 
 # Training options with their CLI names; None means "not given: use config or default".
