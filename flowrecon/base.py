@@ -255,9 +255,9 @@ class ConditionalGenerator:
         y_scaler: The same for y.
         whitening: Drop null directions of x and whiten it (`Whitening`); a float sets
             its relative tolerance; False turns it off.
-        transform: Pair transform applied first: ``"auto"`` (the CEI momentum frame for
-            data with 9 target and 9 condition columns, else none), ``"none"``/``"lab"``
-            (the user's own frame), or a registered name such as ``"cei-momentum-frame"``.
+        transform: Pair transform applied first: ``"none"``/``"lab"`` (the user's own
+            frame, the default) or a registered name such as ``"cei-momentum-frame"``
+            (a `flowrecon.system.System` names its own as ``system.transform``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         seed: Seed of initialisation, the internal validation split and batch order.
         training: Default keyword arguments of `fit` (e.g. ``{"epochs": 50}``).
@@ -271,7 +271,7 @@ class ConditionalGenerator:
         x_scaler: str = "standard",
         y_scaler: str = "standard",
         whitening: bool | float = True,
-        transform: str = "auto",
+        transform: str = "none",
         device: str = "auto",
         seed: int = 0,
         training: Mapping[str, Any] | None = None,
@@ -646,8 +646,7 @@ def make(name: str, **kwargs: Any) -> ConditionalGenerator:
         options.get("y_scaler", "standard"),
         options.get("whitening", True),
     )
-    if options.get("transform", "auto") != "auto":
-        resolve_transform(options["transform"], 0, 0)
+    resolve_transform(options.get("transform", "none"))
     resolve_device(options.get("device", "auto"))
     return ConditionalGenerator(name, kwargs, **options)
 

@@ -100,7 +100,10 @@ class Evaluator(Protocol):
         """
 
     def table(self, metrics: Mapping[str, Any]) -> str:
-        """Text shown after the generic metrics table (may be empty)."""
+        """The metrics as text for the terminal and the report."""
+
+    # Optional: ``examples_text(examples, shown) -> str`` describes the example events
+    # (their draws ``(n, len(shown), Dx)``); without it a generic table is printed.
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class EvaluationContext:
         samples: Posterior draws per event.
         seed: Seed of the evaluation.
         config: The run's ``config.json`` (a dict).
+        rows: Row number in the data file of each event (0-based data rows), or None.
         frame: The evaluated rows as read (extra columns included), or None.
         progress: Whether progress bars may be shown.
     """
@@ -124,6 +128,7 @@ class EvaluationContext:
     samples: int
     seed: int
     config: Mapping[str, Any]
+    rows: np.ndarray | None = None
     frame: Any = None
     progress: bool = False
 
@@ -176,7 +181,10 @@ class System:
         failure_threshold: An event fails when its error exceeds this (or is not finite);
             None counts non-finite errors only.
         metric_info: Units and meanings of the system's metrics (and the generic ones it
-            wants to describe differently).
+            wants to describe differently), in the order ``metrics.json`` lists them.
+        summary_metrics: The system's metrics that comparison tables show beside the
+            generic ones (error, its median and 95th percentile, failure rate, coverage,
+            NLL, training time).
         evaluator: ``evaluator(context, **options) -> Evaluator``; its keyword-only
             parameters are the system's evaluation options (``evaluate --set k=v``).
         sampler: ``sampler(context, samples, **options) -> (samples, extra columns)``,
@@ -209,6 +217,7 @@ class System:
     event_error: Callable[[np.ndarray, np.ndarray], np.ndarray] = rms_error
     failure_threshold: float | None = None
     metric_info: Mapping[str, MetricInfo] = field(default_factory=dict)
+    summary_metrics: tuple[str, ...] = ()
     evaluator: Callable[..., Evaluator] | None = None
     sampler: Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
     physics_terms: tuple[str, ...] = ()
