@@ -42,6 +42,8 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
+import queue
 import signal
 import socket
 import sys
@@ -644,10 +646,13 @@ class _Objective:
             trial.set_user_attr("fail_reason", "not run: the trials budget was used up")
             trial.study.stop()
             raise _Failed("not run: the trials budget was used up by other workers")
-        hparams, training = self.job.space.suggest(trial)
-        trial.set_user_attr("hparams", hparams)
-        trial.set_user_attr("training", {k: v for k, v in training.items() if _plain(v)})
         try:
+            hparams, training = self.job.space.suggest(trial)
+            limits = [m for m in (self.job.max_minutes, training.get("max_minutes")) if m]
+            if limits:
+                training["max_minutes"] = min(limits)  # the per-trial budget, refits use it
+            trial.set_user_attr("hparams", hparams)
+            trial.set_user_attr("training", {k: v for k, v in training.items() if _plain(v)})
             return self._run(trial, hparams, training)
         except optuna.TrialPruned:
             raise
@@ -658,11 +663,17 @@ class _Objective:
         except Exception as err:
             trial.set_user_attr("fail_reason", _one_line(err))
             raise
+        finally:
+            import torch
+
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # the next trial may build a bigger model
 
     def _run(self, trial: optuna.trial.Trial, hparams: dict, training: dict) -> float:
         import optuna
 
         import flowrecon as fr
+        from flowrecon.base import _MIN_CALIBRATION_ROWS
 
         minutes, cut = self._minutes(training)
         if minutes is not None:
@@ -677,39 +688,39 @@ class _Objective:
                 d["y_train"],
                 d["x_val"],
                 d["y_val"],
-                calibrate=self.job.metric_fn is not None,
+                calibrate=False,  # below, once training is known to have ended well
                 quiet=True,
                 on_epoch=_Reporter(trial),
                 **training,
             )
         h = model.history_
-        trial.set_user_attr("epochs", h.epochs)
-        trial.set_user_attr("best_epoch", h.best_epoch)
+        for key, value in (("epochs", h.epochs), ("best_epoch", h.best_epoch)):
+            trial.set_user_attr(key, value)
         trial.set_user_attr("stopped", h.stopped)
         trial.set_user_attr("seconds", round(h.seconds, 3))
         if h.stopped == "interrupted":
             raise KeyboardInterrupt
         if h.stopped == "non_finite":
             raise _Failed(h.message)
+        if cut and h.stopped == "max_minutes":
+            trial.set_user_attr("pruned_reason", "cut short by the study's timeout")
+            raise optuna.TrialPruned(f"cut short by the study's timeout after {h.epochs} epochs")
         if h.best_epoch == 0:
             raise _Failed("no epoch finished within the time budget")
         val_loss = (h.val or h.train)["loss"][h.best_epoch - 1]
         trial.set_user_attr("val_loss", val_loss)
-        if cut and h.stopped == "max_minutes":
-            trial.set_user_attr("pruned_reason", "cut short by the study's timeout")
-            raise optuna.TrialPruned(f"cut short by the study's timeout after {h.epochs} epochs")
         if self.job.metric_fn is None:
-            value = val_loss
-        else:
-            value = float(self.job.metric_fn(model, d["x_val"], d["y_val"]))
+            return val_loss
+        if len(d["x_val"]) >= _MIN_CALIBRATION_ROWS:  # as fit would: the metric sees it
+            model.calibrate(d["x_val"], d["y_val"], seed=self.job.seed or 0)
+        value = float(self.job.metric_fn(model, d["x_val"], d["y_val"]))
         if not math.isfinite(value):
             raise _Failed(f"the metric {self.job.metric} is not finite ({value})")
         return value
 
     def _minutes(self, training: Mapping[str, Any]) -> tuple[float | None, bool]:
         """The trial's training budget, and whether the study's deadline set it."""
-        limits = [m for m in (self.job.max_minutes, training.get("max_minutes")) if m]
-        minutes = min(limits) if limits else None
+        minutes = training.get("max_minutes")
         if self.job.deadline is None:
             return minutes, False
         left = max(self.job.deadline - time.time(), 1.0) / 60.0
@@ -887,8 +898,14 @@ def _devices(device: str, workers: int) -> list[str]:
 def _run_workers(job: _Job, data: Mapping[str, np.ndarray], workers: int, out: Path) -> None:
     """Starts ``workers`` processes on the study and waits for them; a Ctrl-C stops them
     cleanly, and the trials of a worker that died are failed and queued again."""
+    try:
+        pickle.dumps(job)
+    except Exception as err:
+        raise ValueError(
+            f"workers > 1 needs options that pickle (metric_fn a module-level function): {err}"
+        ) from None
     ctx = multiprocessing.get_context("spawn")
-    data_path = out / ".tune-data.npz"
+    data_path = out / f".tune-data-{os.getpid()}.npz"  # the workers read the data from here
     np.savez(data_path, **data)
     devices = _devices(job.generator.get("device", "auto"), workers)
     threads = None if devices[0].startswith("cuda") else max(1, (os.cpu_count() or 1) // workers)
@@ -914,11 +931,8 @@ def _run_workers(job: _Job, data: Mapping[str, np.ndarray], workers: int, out: P
             _fail_orphans(job, [p for p in procs if p.pid is not None and p.exitcode != 0])
     finally:
         data_path.unlink(missing_ok=True)
-    failures = []
-    while not errors.empty():
-        failures.append(errors.get())
-    if failures:
-        worker, message = failures[0]
+    with contextlib.suppress(queue.Empty):
+        worker, message = errors.get(timeout=0.5)
         raise RuntimeError(f"tune worker {worker} failed: {message}")
 
 
@@ -958,9 +972,6 @@ def _fail_orphans(job: _Job, dead: list[Any]) -> None:
 
 # -- results -------------------------------------------------------------------------------
 
-#: CEI frames of ``flowrecon fit --config``'s ``[preprocessing] frame`` by transform name.
-_FRAMES = {"cei-momentum-frame": "momentum", "none": "lab", "lab": "lab"}
-
 
 def best_config(
     trial: optuna.trial.FrozenTrial,
@@ -968,35 +979,51 @@ def best_config(
     *,
     generator: Mapping[str, Any] | None = None,
     seed: int = 0,
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The configuration of ``trial`` in the format of ``flowrecon fit --config``.
 
-    Sections ``[model]``, ``[hparams]`` (every hyper-parameter, defaults included),
-    ``[training]`` (fixed and tuned options, the per-trial budget as ``max_minutes``) and
-    ``[preprocessing]``, and top-level ``seed`` and ``device``.
+    Top-level ``seed`` and ``device``; ``[model]``; ``[hparams]`` (every hyper-parameter,
+    defaults included); ``[training]`` (fixed and tuned options, the per-trial budget as
+    ``max_minutes``); ``[preprocessing]`` (the scalers and whitening). The pair
+    transform belongs to the system (``fit`` takes it from there): ``sections`` adds what
+    the caller knows about it, e.g. ``{"system": {"name": "cei", "frame": "lab"}}``, and
+    overrides keys of the sections above.
     """
     generator = dict(generator or {})
-    defaults = registry.hparam_defaults(model)
-    hparams = {**defaults, **trial.user_attrs.get("hparams", {})}
-    training = dict(trial.user_attrs.get("training", {}))
-    prep: dict[str, Any] = {}
-    transform = generator.get("transform", "auto")
-    if transform in _FRAMES:
-        prep["frame"] = _FRAMES[transform]
-    elif transform != "auto":
-        prep["transform"] = transform
-    prep["x_scaler"] = generator.get("x_scaler", "standard")
-    prep["y_scaler"] = generator.get("y_scaler", "standard")
-    if generator.get("whitening", True) is not True:
+    hparams = {**registry.hparam_defaults(model), **trial.user_attrs.get("hparams", {})}
+    prep: dict[str, Any] = {
+        "x_scaler": generator.get("x_scaler", "standard"),
+        "y_scaler": generator.get("y_scaler", "standard"),
+    }
+    if "whitening" in generator:
         prep["whitening"] = generator["whitening"]
-    return {
+    config: dict[str, Any] = {
         "seed": int(seed),
         "device": str(generator.get("device", "auto")),
         "model": {"name": model},
         "hparams": {k: v for k, v in hparams.items() if v is not None},
-        "training": {k: v for k, v in training.items() if v is not None},
+        "training": _toml_training(trial.user_attrs.get("training", {})),
         "preprocessing": prep,
     }
+    for key, value in (sections or {}).items():
+        if isinstance(value, Mapping) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = dict(value) if isinstance(value, Mapping) else value
+    return config
+
+
+def _toml_training(training: Mapping[str, Any]) -> dict[str, Any]:
+    """Training options TOML can hold: TOML has no None, and for patience and clip_grad
+    None means off, which 0 says too; other None values are the defaults, left out."""
+    out = {}
+    for key, value in training.items():
+        if value is None and key in ("patience", "clip_grad"):
+            out[key] = 0
+        elif value is not None:
+            out[key] = value
+    return out
 
 
 def _toml_value(value: Any) -> str:
@@ -1012,16 +1039,33 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, e.g. [physics] weights
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise ValueError(f"cannot write {value!r} to TOML")
 
 
+def _toml_key(key: str) -> str:
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else json.dumps(key)
+
+
 def to_toml(config: Mapping[str, Any], header: str = "") -> str:
-    """A flat TOML document: top-level values first, then one table per mapping."""
+    """A TOML document: top-level values first, then one table per mapping.
+
+    Example:
+        >>> print(to_toml({"seed": 0, "model": {"name": "nsf"}}, "refit me"), end="")
+        # refit me
+        seed = 0
+        <BLANKLINE>
+        [model]
+        name = "nsf"
+    """
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     tables = {k: v for k, v in config.items() if isinstance(v, Mapping)}
-    lines += [f"{k} = {_toml_value(v)}" for k, v in config.items() if k not in tables]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in config.items() if k not in tables]
     for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += ["", f"[{_toml_key(name)}]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1148,12 +1192,14 @@ def write_results(
     seed: int = 0,
     url: str = "",
     figures: bool = True,
+    sections: Mapping[str, Any] | None = None,
 ) -> TuneResult:
     """Writes ``best.toml``, ``trials.csv``, the figures and ``summary.txt`` into ``out``.
 
     Any process can call it on a study at any time (a study run elsewhere, or one still
     running): it reads the storage only. ``figures=False`` skips the figures (and the
-    seconds that importing their libraries takes).
+    seconds that importing their libraries takes); ``sections`` go into ``best.toml``
+    (see `best_config`).
     """
     from optuna.trial import TrialState
 
@@ -1170,7 +1216,7 @@ def write_results(
         best = study.best_trial
     config = None
     if best is not None:
-        config = best_config(best, model, generator=generator, seed=seed)
+        config = best_config(best, model, generator=generator, seed=seed, sections=sections)
         header = (
             f"flowrecon fit --config {out / 'best.toml'}\n"
             f"Tuned by flowrecon tune: study {study.study_name!r}, trial {best.number} of "
@@ -1335,6 +1381,7 @@ def tune(
     include_default: bool = True,
     heartbeat_interval: int | None = 30,
     figures: bool = True,
+    best_sections: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> TuneResult:
     """Searches the hyper-parameters of ``model`` with Optuna; returns the `TuneResult`.
@@ -1378,6 +1425,8 @@ def tune(
         heartbeat_interval: Seconds between a running trial's heartbeats; a trial silent
             for three intervals is failed and queued again. None turns heartbeats off.
         figures: Draw the optimisation history, importances and per-epoch losses.
+        best_sections: Sections added to ``best.toml`` (see `best_config`); the command
+            line passes ``[system]`` (name and options) and ``[data]`` here.
         progress: Print a line per finished trial.
 
     Raises:
@@ -1424,20 +1473,25 @@ def tune(
         the_study = _create_study(job, direction, space, include_default)
     interrupted = False
     try:
-        if workers == 1:
-            _work(job, data, 0, generator.get("device", "auto"))
-        else:
+        if workers > 1:
             _run_workers(job, data, workers, out)
+        # Alone, or to finish what workers that died left queued.
+        _work(job, data, 0, generator.get("device", "auto"))
     except KeyboardInterrupt:
         interrupted = True
-    result = _finish(the_study, job, out, seed, figures)
+    result = _finish(the_study, job, out, seed, figures, best_sections)
     if interrupted:
         raise KeyboardInterrupt(f"tuning interrupted; {out / 'summary.txt'} says how far it got")
     return result
 
 
 def _finish(
-    study: optuna.Study, job: _Job, out: Path, seed: int | None, figures: bool
+    study: optuna.Study,
+    job: _Job,
+    out: Path,
+    seed: int | None,
+    figures: bool,
+    sections: Mapping[str, Any] | None,
 ) -> TuneResult:
     """Fails trials whose heartbeat went stale, then writes the results."""
     import optuna
@@ -1456,4 +1510,5 @@ def _finish(
             seed=seed or 0,
             url=job.url,
             figures=figures,
+            sections=sections,
         )
