@@ -23,16 +23,17 @@ Results in ``out``: ``best.toml`` (``flowrecon fit --config best.toml`` refits t
 configuration), ``trials.csv``, figures of the optimisation history, the parameter
 importances and the per-epoch validation losses, and ``summary.txt``.
 
-Example:
-    >>> import numpy as np
+Example (about ten seconds):
+    >>> import tempfile, numpy as np
     >>> from flowrecon.tune import tune
     >>> rng = np.random.default_rng(0)
     >>> y = rng.normal(size=(300, 2)); x = y @ [[1.0, 0, 2], [0, 1, 1]] + rng.normal(size=(300, 3))
-    >>> result = tune("zuko-maf", x[:200], y[:200], x[200:], y[200:], out="tune-out",
-    ...               trials=4, training={"epochs": 2},
-    ...               search={"transforms": {"low": 1, "high": 2}, "hidden": [8, 16]})
-    ... # doctest: +SKIP
-    >>> print(result.summary)  # doctest: +SKIP
+    >>> result = tune(
+    ...     "zuko-maf", x[:200], y[:200], x[200:], y[200:], out=tempfile.mkdtemp(), trials=4,
+    ...     training={"epochs": 2}, search={"transforms": [1, 2], "hidden": [8, 16]},
+    ... )  # doctest: +SKIP
+    >>> result.counts["complete"] + result.counts["pruned"]  # doctest: +SKIP
+    4
 """
 
 from __future__ import annotations
@@ -657,7 +658,7 @@ class _Objective:
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); queued again")
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
             _requeue(trial.study, trial.number, trial.params, "interrupted (Ctrl-C)")
             raise
         except Exception as err:
@@ -777,7 +778,8 @@ def _pruner(job: _Job) -> optuna.pruners.BasePruner:
     import optuna
 
     if job.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # From epoch 2 on: a first epoch says little about a configuration.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if job.pruner == "hyperband":
         epochs = job.space.training.get("epochs")
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs or "auto")
@@ -1095,13 +1097,21 @@ def trials_frame(study: optuna.Study) -> Any:
                 **{k: t.user_attrs.get(k) for k in ("epochs", "best_epoch", "val_loss")},
                 "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
                 "reason": reason or t.user_attrs.get("pruned_reason", ""),
+                "queued": t.user_attrs.get("queued", ""),
                 "worker": t.user_attrs.get("worker", ""),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=_FRAME_COLUMNS)
 
 
-def _figures(study: optuna.Study, out: Path) -> tuple[dict[str, Path], list[str]]:
+#: Columns of `trials_frame` besides the parameters (``param_NAME``).
+_FRAME_COLUMNS = (
+    "number", "state", "value", "seconds", "epochs", "best_epoch", "val_loss",
+    "pruned_at_epoch", "reason", "queued", "worker",
+)  # fmt: skip
+
+
+def _figures(study: optuna.Study, out: Path, metric: str) -> tuple[dict[str, Path], list[str]]:
     """Optimisation history, parameter importances and per-epoch losses, as PNG files.
 
     Drawn with Optuna's matplotlib visualisation on pyplot figures that are closed at
@@ -1116,12 +1126,20 @@ def _figures(study: optuna.Study, out: Path) -> tuple[dict[str, Path], list[str]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     evaluator = _importance_evaluator()
     plots = {
-        "history": (lambda: ovm.plot_optimization_history(study), 1),
-        "importances": (lambda: ovm.plot_param_importances(study, evaluator=evaluator), 2),
-        "intermediate": (lambda: ovm.plot_intermediate_values(study), 1),
+        "history": (lambda: ovm.plot_optimization_history(study), 1, ("trial", metric)),
+        "importances": (
+            lambda: ovm.plot_param_importances(study, evaluator=evaluator),
+            2,
+            ("importance", None),
+        ),
+        "intermediate": (
+            lambda: ovm.plot_intermediate_values(study),
+            1,
+            ("epoch", "validation loss"),
+        ),
     }
     files, notes = {}, []
-    for name, (draw, needed) in plots.items():
+    for name, (draw, needed, (xlabel, ylabel)) in plots.items():
         if len(complete) < needed:
             notes.append(f"{name}.png: needs {needed} complete trials, has {len(complete)}")
             continue
@@ -1130,7 +1148,10 @@ def _figures(study: optuna.Study, out: Path) -> tuple[dict[str, Path], list[str]
             # Optuna's plots switch pyplot's style: rc_context puts it back.
             with matplotlib.rc_context(), plt.ioff(), _optuna_quiet(False):
                 ax = draw()
-                figure = ax.figure if hasattr(ax, "figure") else np.ravel(ax)[0].figure
+                ax.set_xlabel(xlabel)
+                if ylabel:
+                    ax.set_ylabel(ylabel)
+                figure = ax.figure
                 figure.set_size_inches(8, 5)
                 figure.tight_layout()
                 figure.savefig(out / f"{name}.png", dpi=110)
@@ -1209,7 +1230,7 @@ def write_results(
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     frame = trials_frame(study)
     files = {"trials": out / "trials.csv"}
-    frame.to_csv(files["trials"], index=False)
+    _write_atomic(files["trials"], frame.to_csv(index=False))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
@@ -1223,8 +1244,8 @@ def write_results(
             f"{len(trials)}, {metric} = {best.value:.6g} ({study.direction.name.lower()})"
         )
         files["best"] = out / "best.toml"
-        files["best"].write_text(to_toml(config, header))
-    drawn, notes = _figures(study, out) if figures else ({}, [])
+        _write_atomic(files["best"], to_toml(config, header))
+    drawn, notes = _figures(study, out, metric) if figures else ({}, [])
     files.update(drawn)
     result = TuneResult(
         study=study.study_name,
@@ -1238,14 +1259,22 @@ def write_results(
     )
     result.summary = _summary(result, frame, metric, notes, out)
     files["summary"] = out / "summary.txt"
-    files["summary"].write_text(result.summary + "\n")
+    _write_atomic(files["summary"], result.summary + "\n")
     return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Other processes may read these files while this one rewrites them."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _summary(result: TuneResult, frame: Any, metric: str, notes: list[str], out: Path) -> str:
     c = result.counts
+    where = f" in {result.storage}" if result.storage else ""
     lines = [
-        f"study {result.study!r} in {result.storage}: {len(frame)} trials, {c['complete']} "
+        f"study {result.study!r}{where}: {len(frame)} trials, {c['complete']} "
         f"complete, {c['pruned']} pruned, {c['fail']} failed"
         + (f", {c['running']} running" if c["running"] else "")
         + (f", {c['waiting']} queued" if c["waiting"] else ""),
@@ -1255,19 +1284,24 @@ def _summary(result: TuneResult, frame: Any, metric: str, notes: list[str], out:
     else:
         lines.append(f"best: trial {result.best_trial}, {metric} = {result.best_value:.6g}")
         lines += [f"  {k} = {_fmt(v)}" for k, v in result.best_params.items()]
+    default = frame[frame["queued"] == "default configuration"]
+    for number, state, value in zip(default["number"], default["state"], default["value"]):
+        shown = f"{metric} = {value:.6g}" if state == "COMPLETE" else state.lower()
+        lines.append(f"the default configuration (trial {number}): {shown}")
     if c["fail"]:
         failed = frame[frame["state"] == "FAIL"]
         lines.append("failed:")
-        lines += [f"  trial {n}: {r}" for n, r in zip(failed["number"], failed["reason"])][:10]
+        lines += [f"  trial {n}: {r}" for n, r in zip(failed["number"][:10], failed["reason"])]
+        if len(failed) > 10:
+            lines.append(f"  ... and {len(failed) - 10} more (trials.csv)")
     lines += [f"note: {n}" for n in notes]
     names = ", ".join(p.name for k, p in result.files.items() if k != "summary")
     lines.append(f"wrote {names} and summary.txt in {out}")
     if "best" in result.files:
         lines.append(f"refit: flowrecon fit --config {result.files['best']}")
-    lines.append(
-        "resume, or add workers on this or other machines: run the same command again "
-        f"(watch it live: optuna-dashboard {result.storage})"
-    )
+    lines.append("resume, or add workers on this or other machines: run the same command again")
+    if result.storage:
+        lines.append(f"watch it live: optuna-dashboard {result.storage}")
     return "\n".join(lines)
 
 

@@ -96,6 +96,24 @@ def test_results_and_a_best_toml_that_fit_accepts_as_it_is(tmp_path: Path) -> No
     assert refit["system"]["options"]["frame"] == "lab"
 
 
+def test_figures_are_skipped_with_a_note_when_trials_are_too_few(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from flowrecon.tune import write_results
+
+    study = optuna.create_study(study_name="one")
+    trial = study.ask()
+    trial.suggest_int("hidden", 4, 8)
+    trial.report(2.0, 1)
+    study.tell(trial, 1.5)
+    figures = plt.get_fignums()
+    result = write_results(study, tmp_path, model="zuko-maf")
+    assert plt.get_fignums() == figures
+    assert result.files["history"].is_file() and "importances" not in result.files
+    assert "note: importances.png: needs 2 complete trials, has 1" in result.summary
+    assert result.summary.startswith("study 'one': 1 trials, 1 complete, 0 pruned, 0 failed")
+
+
 def test_rerunning_resumes_the_study_up_to_its_total(tmp_path: Path) -> None:
     _tune(tmp_path, trials=2)
     first = {t.number: t.datetime_start for t in _trials(tmp_path)}
@@ -110,7 +128,8 @@ def test_rerunning_resumes_the_study_up_to_its_total(tmp_path: Path) -> None:
 
 
 def test_the_default_configuration_is_the_first_trial(tmp_path: Path) -> None:
-    _tune(tmp_path, trials=2, search={**SEARCH, "lr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    search = {**SEARCH, "lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    _tune(tmp_path, trials=2, search=search, pruner="hyperband")
     first = _trials(tmp_path)[0]
     assert first.params["lr"] == 1e-3  # train's default learning rate
     assert first.user_attrs["queued"] == "default configuration"
