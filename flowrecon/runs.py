@@ -87,11 +87,23 @@ def _system_spec(system: str | SystemFactory) -> str | None:
             attr = system.rpartition(":")[2] if ":" in system else "make_system"
             return f"{Path(head).resolve()}:{attr}"
         return system
+    import importlib.util
+    import sys
+
     module = getattr(system, "__module__", None)
     name = getattr(system, "__qualname__", "")
-    if module and module != "__main__" and "<" not in name:
+    if not module or "<" in name or "." in name:
+        return None
+    try:
+        importable = module != "__main__" and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if importable:
         return f"{module}:{name}"
-    return None
+    # A factory from a file (a script, or one loaded by path): name the file.
+    code = getattr(system, "__code__", None)
+    file = getattr(code, "co_filename", None) or getattr(sys.modules.get(module), "__file__", None)
+    return f"{Path(file).resolve()}:{name}" if file and Path(file).is_file() else None
 
 
 def resolve_system(
