@@ -22,8 +22,6 @@ from typing import Any
 
 import click
 
-from flowrecon.data import SUPPORTED_SUFFIXES
-
 #: Largest seed accepted (numpy and torch both take it).
 MAX_SEED = 2**63 - 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -81,6 +79,8 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def _check_output_suffix(path: Path) -> None:
+    from flowrecon.data import SUPPORTED_SUFFIXES
+
     if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
         raise click.BadParameter(
             f"{path}: unsupported output format; use one of {', '.join(SUPPORTED_SUFFIXES)}",
@@ -266,6 +266,16 @@ class _Group(click.Group):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate_as_interrupt)
         return super().invoke(ctx)
+
+
+def run() -> None:
+    """The console entry point: SIGTERM acts as Ctrl-C, and an interrupt exits 130."""
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        main()
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing new was written", err=True)
+        sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

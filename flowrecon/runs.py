@@ -412,6 +412,23 @@ def _load_fit_data(system: System, data, stage: Path, drop_invalid: bool, progre
     return table, info
 
 
+def _split(system: System, table: Table, seed: int, data: Any) -> tuple[np.ndarray, ...]:
+    """The system's train/validation/test split, each part big enough to use."""
+    n = len(table.y)
+    where = data if data is not None else "the simulated data"
+    try:
+        parts = system.split(table.frame, seed)
+    except ValueError as err:
+        raise ValueError(f"{where}: cannot split {n} rows: {err}") from None
+    sizes = [len(p) for p in parts]
+    if min(sizes) < 1 or sizes[0] < 2:
+        raise ValueError(
+            f"{where}: {n} rows are too few to split into training, validation and test rows "
+            f"(got {sizes[0]}, {sizes[1]} and {sizes[2]}); give at least 20 rows"
+        )
+    return parts
+
+
 def _write_history(history: Any, out: Path) -> None:
     import pandas as pd
 
@@ -487,7 +504,7 @@ def fit_run(
 
     with staged_directory(out, kind="run") as stage:
         table, data_info = _load_fit_data(system_obj, data, stage, drop_invalid, progress)
-        train_idx, val_idx, test_idx = system_obj.split(table.frame, seed)
+        train_idx, val_idx, test_idx = _split(system_obj, table, seed, data)
         fit_rows = np.concatenate([train_idx, val_idx])
         np.savez(
             stage / "split.npz",
