@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flowrecon.system import EvaluationContext, MetricInfo, System
+from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.cei.constants import (
     ATOMS,
     DEFAULT_CHARGES,
@@ -28,6 +28,7 @@ from flowrecon.systems.cei.constants import (
     MOMENTUM_COLUMNS,
     POSITION_COLUMNS,
 )
+from flowrecon.systems.cei.metrics import METRIC_INFO
 
 __all__ = ["BUILTIN_DATASET", "CEIEvaluator", "make_system"]
 
@@ -37,37 +38,6 @@ BUILTIN_DATASET: dict[str, Any] = {"n": 100_000, "seed": 2026, "momentum_noise":
 
 #: Highest charge accepted for an ion: no element has more protons than 118.
 MAX_CHARGE = 118.0
-
-#: Metrics of a CEI evaluation, in the order ``metrics.json`` lists them.
-METRIC_INFO: dict[str, MetricInfo] = {
-    "n": MetricInfo("events", "test events"),
-    "ade": MetricInfo("bohr", "mean atom distance, posterior mean"),
-    "ade_median": MetricInfo("bohr", "median over events of the mean atom distance"),
-    "ade_p95": MetricInfo("bohr", "95th percentile over events of the mean atom distance"),
-    "failure_rate": MetricInfo("fraction", "events with ade > 0.1 bohr or not finite"),
-    "ade_sample": MetricInfo("bohr", "mean atom distance, single draws"),
-    "rmsd_com": MetricInfo("bohr", "RMSD after centre-of-mass removal"),
-    "bond_error_co": MetricInfo("bohr", "mean |r_CO error|"),
-    "bond_error_cs": MetricInfo("bohr", "mean |r_CS error|"),
-    "angle_error_deg": MetricInfo("deg", "mean |O-C-S angle error|"),
-    "mre": MetricInfo("%", "mean |error| / |truth| (seed decks)"),
-    "mre2": MetricInfo("%", "mean (error / truth)^2 (seed decks)"),
-    "mse": MetricInfo("bohr^2", "mean squared coordinate error"),
-    "energy_diff": MetricInfo("ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
-    "energy_diff2": MetricInfo("ratio", "mean ((KE - PE) / KE)^2"),
-    "resim_residual": MetricInfo("ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
-    "coverage_50": MetricInfo("fraction", "true coordinates inside the central 50 % interval"),
-    "coverage_90": MetricInfo("fraction", "true coordinates inside the central 90 % interval"),
-    "nll": MetricInfo("nats", "mean negative log-likelihood of the true positions"),
-    "n_samples": MetricInfo("draws", "posterior draws per event"),
-    "ade_c": MetricInfo("bohr", "mean distance of C"),
-    "ade_o": MetricInfo("bohr", "mean distance of O"),
-    "ade_s": MetricInfo("bohr", "mean distance of S"),
-    "posterior_std": MetricInfo("bohr", "mean posterior std of a coordinate"),
-    "mre_small_coordinates": MetricInfo("count", "true coordinates near zero (mre unreliable)"),
-    "mre_small_threshold": MetricInfo("bohr", "|x| below which a coordinate counts as near zero"),
-    "resim_events": MetricInfo("events", "events re-simulated for resim_residual"),
-}
 
 #: Point metrics reported for refined predictions (with a ``refined_`` prefix).
 REFINED_KEYS = (
