@@ -120,6 +120,8 @@ class EvaluationContext:
         rows: Row number in the data file of each event (0-based data rows), or None.
         frame: The evaluated rows as read (extra columns included), or None.
         progress: Whether progress bars may be shown.
+        training_rows: ``training_rows() -> (x, y)`` of the run's training split, read
+            when called; None when the run's data file is not available.
     """
 
     model: Any
@@ -131,6 +133,7 @@ class EvaluationContext:
     rows: np.ndarray | None = None
     frame: Any = None
     progress: bool = False
+    training_rows: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def row_split(

@@ -281,7 +281,9 @@ class CEIEvaluator:
         metrics.pop("nll", None)  # the generic evaluation reports nll
         if self.refine:
             metrics.update(
-                _refined_metrics(self.refine_starts, ctx.x, ctx.y, self.charges, self.prior)
+                _refined_metrics(
+                    self.refine_starts, ctx.x, ctx.y, self.charges, self.prior, _start_bank(ctx)
+                )
             )
         if self.weights:
             n = len(ctx.x)
@@ -355,12 +357,29 @@ class CEIEvaluator:
         return example_events_table(examples, ctx.x[list(shown)], range(len(shown)), labels=labels)
 
 
+_BANK: dict[str, Any] = {"key": None, "bank": None}
+
+
+def _start_bank(context: EvaluationContext) -> Any:
+    """The run's training events as refinement starts (`StartBank`), built once a run."""
+    from flowrecon.systems.cei.refine import StartBank
+
+    loader = context.training_rows
+    if loader is None:
+        return None
+    if _BANK["key"] is not loader:  # chunks of one command share one loader
+        x, y = loader()
+        _BANK["key"], _BANK["bank"] = loader, StartBank(x, y)
+    return _BANK["bank"]
+
+
 def _refined_metrics(
     starts: np.ndarray,
     x_true: np.ndarray,
     p_obs: np.ndarray,
     charges: tuple[float, ...],
     prior: str | None,
+    bank: Any = None,
 ) -> dict[str, Any]:
     """Refine posterior samples and compute the point metrics of the refined predictions."""
     from flowrecon.systems.cei.likelihood import ocs_log_prior
@@ -368,7 +387,7 @@ def _refined_metrics(
     from flowrecon.systems.cei.refine import refine_posterior
 
     log_prior = ocs_log_prior if prior == "ocs" else None
-    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior)
+    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior, bank=bank)
     # One refined prediction an event: a single "sample", so only point metrics apply.
     point = cei_metrics(refined.best[None], x_true, p_obs, charges=charges, resim_max_events=20_000)
     out: dict[str, Any] = {f"refined_{k}": point[k] for k in REFINED_KEYS}
@@ -384,6 +403,10 @@ def _refined_metrics(
             "refine_events_with_solution": float((refined.n_solutions > 0).mean()),
             "refine_events_multiple_solutions": float((refined.n_solutions > 1).mean()),
             "refine_events_within_1e-5_bohr": float((atom_err <= 1e-5).mean()),
+            "refine_events_truth_among_solutions": float(
+                (refined.nearest_solution_error(x_true) <= 1e-5).mean()
+            ),
+            "refine_start_bank": 0 if bank is None else len(bank),
             "refine_events_residual_below_1e-8": float((best_res <= 1e-8).mean()),
             "refined_median_atom_error": float(np.median(atom_err)),
             "refine_samples_per_s": n_starts / max(refined.seconds, 1e-12),
@@ -401,7 +424,9 @@ def _format_refined(metrics: Mapping[str, Any]) -> str:
         f"{100 * metrics['refine_events_multiple_solutions']:.2f} % of events have more "
         "than one solution;",
         f"{100 * metrics['refine_events_within_1e-5_bohr']:.2f} % of events within 1e-5 bohr "
-        f"of the truth, {100 * metrics['refine_events_residual_below_1e-8']:.2f} % with "
+        f"of the truth ({100 * metrics['refine_events_truth_among_solutions']:.2f} % with the "
+        f"truth among their solutions), {100 * metrics['refine_events_residual_below_1e-8']:.2f}"
+        " % with "
         f"momentum residual <= 1e-8 (median atom error "
         f"{metrics['refined_median_atom_error']:.2g} bohr)",
         f"  {'metric':<18}{'raw':>12}{'refined':>12}",
