@@ -3,7 +3,8 @@
 Every command exits non-zero with a one-line reason on bad input (2 for a usage error, 1
 otherwise, 130 when interrupted by Ctrl-C or SIGTERM); long work shows a progress bar
 unless ``--quiet`` is given or stderr is not a terminal. Nothing here knows a physical
-system: ``--system`` names one (default ``cei``), ``--set key=value`` sets its options,
+system: ``--system`` names one (default `flowrecon.system.DEFAULT_SYSTEM`), ``--set
+key=value`` sets its options,
 typed from its factory, and a system may declare flags of its own (``flowrecon systems``
 lists them), which work like ``--set``.
 """
@@ -22,12 +23,56 @@ from typing import Any
 
 import click
 
-from flowrecon.data import SUPPORTED_SUFFIXES
-
 #: Largest seed accepted (numpy and torch both take it).
 MAX_SEED = 2**63 - 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _FLEXIBLE = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+class _SystemCommand(click.Command):
+    """A command whose help ends with the default system's options for it."""
+
+    def __init__(self, *args: Any, hooks: Sequence[str] = ("system",), **kwargs: Any) -> None:
+        kwargs.setdefault("context_settings", _FLEXIBLE)
+        super().__init__(*args, **kwargs)
+        self.hooks = tuple(hooks)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        try:
+            intro, rows = _system_help(self.hooks)
+        except Exception as err:  # help must show even if a system cannot load
+            intro, rows = f"(system options unavailable: {_one_line(err)})", []
+        with formatter.section("System options"):
+            formatter.write_text(intro)
+            formatter.write_dl(rows)
+
+
+def _system_help(hooks: Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
+    import inspect
+
+    from flowrecon.registry import type_name
+    from flowrecon.system import DEFAULT_SYSTEM, get_factory, make_system, option_types
+
+    system = make_system(DEFAULT_SYSTEM)
+    funcs = {"system": get_factory(DEFAULT_SYSTEM), **_hooks(system)}
+    intro = (
+        f"Of the default system {DEFAULT_SYSTEM!r} ({system.description}), as --set KEY=VALUE "
+        "or their own flag; `flowrecon systems --details NAME` lists another system's."
+    )
+    by_option = {name: flag for flag, name in system.cli_flags.items()}
+    rows = []
+    for hook in hooks:
+        func = funcs[hook]
+        if func is None:
+            continue
+        params = inspect.signature(func).parameters
+        for key, kind in option_types(func).items():
+            term = f"{by_option[key]}, " if key in by_option else ""
+            rows.append(
+                (f"{term}--set {key}=", f"{type_name(kind)} [default: {params[key].default!r}]")
+            )
+    return intro, rows
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -81,6 +126,8 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def _check_output_suffix(path: Path) -> None:
+    from flowrecon.data import SUPPORTED_SUFFIXES
+
     if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
         raise click.BadParameter(
             f"{path}: unsupported output format; use one of {', '.join(SUPPORTED_SUFFIXES)}",
@@ -123,7 +170,7 @@ _SYSTEM_OPTION = click.option(
     "system_spec",
     default=None,
     metavar="NAME|FILE.py[:factory]",
-    help="Physical system (`flowrecon systems`) or your own factory [default: cei].",
+    help="Physical system (`flowrecon systems`) or your own factory.",
 )
 _SET_OPTION = click.option(
     "--set",
@@ -248,10 +295,11 @@ def _system_values(
 def _run_system_values(run_dir: Path, set_pairs, extra, command: str) -> dict[str, Any]:
     """A command's options for the system of an existing run."""
     from flowrecon.config import read_run_config
+    from flowrecon.system import DEFAULT_SYSTEM
 
     config = read_run_config(run_dir)
     info = config.get("system") or {}
-    spec = info.get("spec") or "cei"
+    spec = info.get("spec") or DEFAULT_SYSTEM
     _, routed = _system_values(spec, set_pairs, extra, [command])
     return routed[command]
 
@@ -268,17 +316,27 @@ class _Group(click.Group):
         return super().invoke(ctx)
 
 
+def run() -> None:
+    """The console entry point: SIGTERM acts as Ctrl-C, and an interrupt exits 130."""
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        main()
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing new was written", err=True)
+        sys.exit(130)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flowrecon")
 def main() -> None:
     """Conditional generative models for inverse problems in physics.
 
-    The default system is Coulomb explosion imaging (`--system cei`); `flowrecon
-    systems` lists the others and their options.
+    `flowrecon systems` lists the physical systems and their options; `--system NAME`
+    chooses one (each command's help lists the default system's options).
     """
 
 
-@main.command(context_settings=_FLEXIBLE)
+@main.command(cls=_SystemCommand)
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of rows.")
 @click.option("--out", type=_FILE, required=True, help="Output file, .parquet or .csv.")
 @click.option("--seed", type=_SEED, default=0, show_default=True, help="Random seed.")
@@ -300,11 +358,7 @@ def simulate(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Simulate a system and write targets and conditions to a data file.
-
-    System options (CEI: --charges 2,1,1, --geometry ocs|ball, --momentum-noise 0.01) may
-    also be given as --set KEY=VALUE.
-    """
+    """Simulate a system and write targets and conditions to a data file."""
     from flowrecon.data import write_table
     from flowrecon.rundir import check_output_file
     from flowrecon.runs import resolve_system, simulate_data
@@ -324,7 +378,7 @@ def simulate(
 
 
 def _describe(options: Mapping[str, Any]) -> str:
-    """``charges 2,2,2, geometry ocs``: options as a user would type them."""
+    """``name 2,2,2, other x``: options as a user would type them."""
 
     def text(v: Any) -> str:
         if isinstance(v, list | tuple):
@@ -389,7 +443,7 @@ def _config_checked(cfg: Any, model: str) -> tuple[dict[str, Any], dict[str, Any
     return hparams, training
 
 
-@main.command(context_settings=_FLEXIBLE)
+@main.command(cls=_SystemCommand)
 @click.option(
     "--model", "model", default=None, help="Model, preset or short name (`flowrecon models`)."
 )
@@ -451,11 +505,7 @@ def fit(
     quiet: bool,
     **training_flags: Any,
 ) -> None:
-    """Fit a model (targets from conditions) and write a run directory.
-
-    System options (CEI: --frame momentum|lab, --charges 2,1,1) may also be given as
-    --set KEY=VALUE or in the configuration file.
-    """
+    """Fit a model (targets from conditions) and write a run directory."""
     from flowrecon.config import FitConfig, read_config_file
     from flowrecon.registry import coerce_hparams, resolve
     from flowrecon.runs import fit_run
@@ -555,7 +605,7 @@ def models(details: str | None) -> None:
 def _describe_options(title: str, func: Callable | None, flags: Mapping[str, str]) -> list[str]:
     import inspect
 
-    from flowrecon.registry import _type_name
+    from flowrecon.registry import type_name
     from flowrecon.system import option_types
 
     if func is None:
@@ -569,7 +619,7 @@ def _describe_options(title: str, func: Callable | None, flags: Mapping[str, str
     for key, kind in types_.items():
         flag = f", {by_option[key]}" if key in by_option else ""
         lines.append(
-            f"    --set {key}=...{flag}  ({_type_name(kind)}, default {params[key].default!r})"
+            f"    --set {key}=...{flag}  ({type_name(kind)}, default {params[key].default!r})"
         )
     return lines
 
@@ -605,7 +655,7 @@ def systems(details: str | None) -> None:
             click.echo(line)
 
 
-@main.command(context_settings=_FLEXIBLE)
+@main.command(cls=_SystemCommand, hooks=("evaluate",))
 @_RUN_OPTION
 @_data_option("Test data with the system's columns [default: the run's held-out test split].")
 @_SAMPLES_OPTION
@@ -637,11 +687,7 @@ def evaluate(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Evaluate a fitted run: metrics.json, figures and report.md (conditions in).
-
-    Evaluation options of the run's system (CEI: --refine, --refine-samples K, --weights,
-    --noise SIGMA, --prior ocs|flat) may also be given as --set KEY=VALUE.
-    """
+    """Evaluate a fitted run: metrics.json, figures and report.md (conditions in)."""
     from flowrecon.runs import evaluate_run
 
     options = _run_system_values(run_dir, set_pairs, ctx.args, "evaluate")
@@ -666,7 +712,7 @@ def evaluate(
         click.echo(f"\nwrote {result.out / 'metrics.json'}, report.md and figures")
 
 
-@main.command(context_settings=_FLEXIBLE)
+@main.command(cls=_SystemCommand, hooks=("sample",))
 @_RUN_OPTION
 @click.option(
     "--data",
@@ -711,8 +757,7 @@ def sample(
 ) -> None:
     """Draw posterior samples of the targets for every row of a file of conditions.
 
-    The `event` column is the row's number in --data (0-based data rows). Sampling
-    options of the run's system (CEI: --refine) may also be given as --set KEY=VALUE.
+    The `event` column is the row's number in --data (0-based data rows).
     """
     from flowrecon.runs import sample_run
 
@@ -733,7 +778,7 @@ def sample(
         click.echo(f"wrote {rows} rows ({n} samples an event) to {out}")
 
 
-@main.command(context_settings=_FLEXIBLE)
+@main.command(cls=_SystemCommand, hooks=("system", "evaluate"))
 @click.argument("names", nargs=-1, required=True)
 @_data_option("CSV or Parquet; default: the system's built-in simulated set.")
 @click.option("--out", type=_DIRECTORY, default=Path("runs/compare"), show_default=True)
@@ -761,11 +806,7 @@ def compare(
     quiet: bool,
     **training_flags: Any,
 ) -> None:
-    """Train every named model on the same split and budget, evaluate all alike, tabulate.
-
-    System and evaluation options (CEI: --frame lab, --refine) may also be given as
-    --set KEY=VALUE.
-    """
+    """Train every named model on the same split and budget, evaluate all alike, tabulate."""
     from flowrecon.runs import compare_runs
 
     spec, routed = _system_values(system_spec, set_pairs, ctx.args, ["system", "evaluate"])

@@ -356,7 +356,7 @@ def _raise_on_ragged_row(file: Path, source: str, n_fields: int) -> None:
                 if len(fields) != n_fields:
                     raise DataError(
                         f"{source}: data row {row} (line {line}) has {len(fields)} fields, "
-                        f"the header has {n_fields}"
+                        f"the header has {n_fields}{_separator_hint(_csv_header(file, source))}"
                     )
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{source}: cannot read CSV: {_one_line(err)}") from None
@@ -528,16 +528,23 @@ def _where(mask: np.ndarray) -> str:
     return f", first at data rows {', '.join(map(str, rows))}"
 
 
+def _separator_hint(header: Sequence[object] | None) -> str:
+    """A hint when a one-field header looks separated by something other than commas."""
+    if header is None or len(header) != 1:
+        return ""
+    for separator, label in ((";", "';'"), ("\t", "tab"), (" ", "space")):
+        if separator in str(header[0]).strip():
+            decimal = " and decimal points" if separator == ";" else ""
+            return f" (the file looks {label}-separated; CSV files must use commas{decimal})"
+    return ""
+
+
 def _missing_message(source: str, missing: list[str], found: list[object]) -> str:
     plural = "s" if len(missing) > 1 else ""
     message = f"{source}: missing required column{plural} {_quoted(missing)}"
     message += f"; found {_quoted(found)}" if found else "; found no columns"
     # Two common near misses: another separator, and names differing in case or spaces.
-    if len(found) == 1:
-        for separator, label in ((";", "';'"), ("\t", "tab"), (" ", "space")):
-            if separator in str(found[0]).strip():
-                message += f" (the file looks {label}-separated; CSV files must use commas)"
-                break
+    message += _separator_hint(found)
     if found and all(_parse_number(str(f)) is not None for f in found):
         message += " (the first line holds numbers: the file needs a header naming the columns)"
     normalised = {str(f).strip().lstrip("#").strip().lower(): f for f in found}

@@ -499,13 +499,26 @@ def coerce_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _type_name(annotation: Any) -> str:
-    """``int``, ``'relu' | 'elu'`` (for Literal), ``int | None``: short and readable."""
-    if typing.get_origin(annotation) is typing.Literal:
+def type_name(annotation: Any) -> str:
+    """``int``, ``'relu' | 'elu'`` (for Literal), ``int | None``: short and readable.
+
+    Example:
+        >>> type_name(typing.Optional[typing.Literal["ocs", "flat"]])
+        "'ocs' | 'flat' | None"
+    """
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+_type_name = type_name
 
 
 def describe_model(name: str) -> dict[str, Any]:

@@ -41,7 +41,8 @@ def _info(system: System) -> dict[str, tuple[str, str]]:
     """Metric -> (unit, meaning): the generic ones, the error summaries, the system's."""
     from flowrecon.plots import GENERIC_METRICS
 
-    err, unit = system.error_name, system.x_unit
+    err = system.error_name
+    unit = system.x_unit if system.error_unit is None else system.error_unit
     threshold = system.failure_threshold
     failure = (
         f"events with {err} > {threshold:g} {unit} or not finite".replace("  ", " ")
@@ -108,7 +109,8 @@ def examples_table(
 
 
 def _summary_line(metrics: Mapping[str, Any], system: System) -> str:
-    err, unit = system.error_name, system.x_unit
+    err = system.error_name
+    unit = system.x_unit if system.error_unit is None else system.error_unit
     n = metrics.get("n", 0)
     rate = metrics.get("failure_rate")
     failed = "" if rate is None else f" ({round(rate * n)} of {n} events)"
@@ -129,9 +131,9 @@ def _definitions(metrics: Mapping[str, Any], system: System) -> list[str]:
             lines.append(f"| `{key}` | {unit} | {meaning} |")
     lines += [
         "",
-        f"Targets in {system.x_unit or 'the user'}'s own frame and units. Coverages are the "
-        "fraction of true coordinates inside the central 50 % / 90 % posterior intervals "
-        "(ideal: 0.5 / 0.9). More: docs/metrics.md in the flowrecon sources.",
+        "Targets are in the user's own frame and units. Coverages are the fraction of true "
+        "coordinates inside the central 50 % / 90 % posterior intervals (ideal: 0.5 / 0.9). "
+        "More: docs/metrics.md in the flowrecon sources.",
         "",
     ]
     return lines

@@ -86,6 +86,15 @@ def _inside(path: Path, directory: Path) -> bool:
     return True
 
 
+def _check_writable(out: Path, option: str) -> None:
+    """Fails early when the output cannot be created (before hours of work, not after)."""
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {out}: cannot write in {parent} (permission denied)")
+
+
 def check_output_dir(
     out: str | os.PathLike,
     *,
@@ -104,6 +113,7 @@ def check_output_dir(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out}: is a file, expected a directory")
+    _check_writable(out.parent, option)
     for item in inputs:
         if item is not None and _inside(Path(item), out):
             raise OutputError(
@@ -137,6 +147,7 @@ def check_output_file(
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{option} {out}: is a directory, expected a file name")
+    _check_writable(out.parent, option)
     for item in inputs:
         if item is None:
             continue

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +87,23 @@ def _system_spec(system: str | SystemFactory) -> str | None:
             attr = system.rpartition(":")[2] if ":" in system else "make_system"
             return f"{Path(head).resolve()}:{attr}"
         return system
+    import importlib.util
+    import sys
+
     module = getattr(system, "__module__", None)
     name = getattr(system, "__qualname__", "")
-    if module and module != "__main__" and "<" not in name:
+    if not module or "<" in name or "." in name:
+        return None
+    try:
+        importable = module != "__main__" and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        importable = False
+    if importable:
         return f"{module}:{name}"
-    return None
+    # A factory from a file (a script, or one loaded by path): name the file.
+    code = getattr(system, "__code__", None)
+    file = getattr(code, "co_filename", None) or getattr(sys.modules.get(module), "__file__", None)
+    return f"{Path(file).resolve()}:{name}" if file and Path(file).is_file() else None
 
 
 def resolve_system(
@@ -181,14 +193,19 @@ def read_system_table(
 def simulate_data(
     system: System, n: int | None = None, *, seed: int | None = None, **kwargs: Any
 ) -> Any:
-    """A simulated table from the system (its built-in data set when n and seed are None)."""
+    """A simulated table: ``n`` rows with ``seed``, or the built-in data set without them.
+
+    The built-in data set's settings (``system.builtin``, e.g. its detector noise) apply
+    to it alone: ``simulate_data(system, 100, seed=1)`` uses the system's own options.
+    """
     if system.simulate is None:
         raise ValueError(f"system {system.name!r} has no simulator: give --data FILE")
-    params = {**system.builtin, **kwargs}
-    if n is not None:
-        params["n"] = n
-    if seed is not None:
-        params["seed"] = seed
+    if n is None and seed is None:
+        params = {**system.builtin, **kwargs}
+    elif n is None or seed is None:
+        raise ValueError("give both n and seed, or neither (the built-in data set)")
+    else:
+        params = {"n": n, "seed": seed, **kwargs}
     frame = system.simulate(**params)
     values = frame[[*system.x_columns, *system.y_columns]].to_numpy(np.float64)
     bad = ~np.isfinite(values).all(axis=1)
@@ -400,6 +417,23 @@ def _load_fit_data(system: System, data, stage: Path, drop_invalid: bool, progre
     return table, info
 
 
+def _split(system: System, table: Table, seed: int, data: Any) -> tuple[np.ndarray, ...]:
+    """The system's train/validation/test split, each part big enough to use."""
+    n = len(table.y)
+    where = data if data is not None else "the simulated data"
+    try:
+        parts = system.split(table.frame, seed)
+    except ValueError as err:
+        raise ValueError(f"{where}: cannot split {n} rows: {err}") from None
+    sizes = [len(p) for p in parts]
+    if min(sizes) < 1 or sizes[0] < 2:
+        raise ValueError(
+            f"{where}: {n} rows are too few to split into training, validation and test rows "
+            f"(got {sizes[0]}, {sizes[1]} and {sizes[2]}); give at least 20 rows"
+        )
+    return parts
+
+
 def _write_history(history: Any, out: Path) -> None:
     import pandas as pd
 
@@ -475,7 +509,7 @@ def fit_run(
 
     with staged_directory(out, kind="run") as stage:
         table, data_info = _load_fit_data(system_obj, data, stage, drop_invalid, progress)
-        train_idx, val_idx, test_idx = system_obj.split(table.frame, seed)
+        train_idx, val_idx, test_idx = _split(system_obj, table, seed, data)
         fit_rows = np.concatenate([train_idx, val_idx])
         np.savez(
             stage / "split.npz",
@@ -575,6 +609,24 @@ class Evaluation:
     figures: dict[str, Path]
     examples: str
     table: str
+
+
+def training_rows(run: Run) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
+    """A loader of the run's training rows (x, y), or None without its data file.
+
+    Reading is deferred to the call: most evaluations never need the training rows.
+    """
+    path = _data_path(run.directory, run.config["data"])
+    if path is None or "train" not in run.split or run.system is None:
+        return None
+    system, idx = run.system, run.split["train"]
+    drop = bool(run.config["data"].get("rows_dropped"))
+
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        table = read_system_table(system, path, drop_invalid=drop)
+        return table.x[idx], table.y[idx]
+
+    return load
 
 
 def _events_to_evaluate(run: Run, data, drop_invalid: bool) -> tuple[Table, str]:
@@ -735,8 +787,9 @@ def _evaluate(
     x, y = table.x, table.y
     n_events = len(y)
     context = EvaluationContext(
-        model, x, y, samples, seed, run.config, table.rows, table.frame, progress
-    )
+        model, x, y, samples, seed, run.config, table.rows, table.frame, progress,
+        training_rows(run),
+    )  # fmt: skip
     evaluator = system.evaluator(context, **options) if system.evaluator else None
     shown = np.sort(
         np.random.default_rng(seed).choice(n_events, min(examples, n_events), replace=False)
@@ -895,6 +948,7 @@ def sample_run(
     out = check_output_file(out, overwrite=overwrite, inputs=inputs)
     table = read_system_table(run.system, data, require_x=False, drop_invalid=drop_invalid)
     x_cols = list(run.system.x_columns)
+    loader = training_rows(run)
     rows = 0
     with TableWriter(out) as writer:
         for start in range(0, len(table.y), chunk_events):
@@ -903,14 +957,9 @@ def sample_run(
             extra: dict[str, np.ndarray] = {}
             if hook_options:
                 context = EvaluationContext(
-                    run.model,
-                    None,
-                    table.y[start:stop],
-                    n,
-                    seed,
-                    run.config,
-                    table.rows[start:stop],
-                )
+                    run.model, None, table.y[start:stop], n, seed, run.config,
+                    table.rows[start:stop], training_rows=loader,
+                )  # fmt: skip
                 xs, extra = run.system.sampler(context, xs, **hook_options)
             b = stop - start
             frame = pd.DataFrame(

@@ -120,6 +120,8 @@ class EvaluationContext:
         rows: Row number in the data file of each event (0-based data rows), or None.
         frame: The evaluated rows as read (extra columns included), or None.
         progress: Whether progress bars may be shown.
+        training_rows: ``training_rows() -> (x, y)`` of the run's training split, read
+            when called; None when the run's data file is not available.
     """
 
     model: Any
@@ -131,6 +133,7 @@ class EvaluationContext:
     rows: np.ndarray | None = None
     frame: Any = None
     progress: bool = False
+    training_rows: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def row_split(
@@ -176,6 +179,7 @@ class System:
         prepare: ``prepare(table) -> table`` applied to every table read or simulated
             before it is used (e.g. a canonical order of identical particles).
         error_name: Name of the per-event error (``ade`` for CEI, default ``rmse``).
+        error_unit: Unit of the per-event error; default ``x_unit``.
         event_error: ``event_error(pred, truth) -> (B,)`` error of a point prediction per
             event, in ``x_unit``; default the RMS coordinate error.
         failure_threshold: An event fails when its error exceeds this (or is not finite);
@@ -214,6 +218,7 @@ class System:
     split: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] = row_split
     prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     error_name: str = "rmse"
+    error_unit: str | None = None
     event_error: Callable[[np.ndarray, np.ndarray], np.ndarray] = rms_error
     failure_threshold: float | None = None
     metric_info: Mapping[str, MetricInfo] = field(default_factory=dict)

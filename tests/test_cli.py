@@ -38,6 +38,18 @@ def test_simulate_writes_contract_columns(runner, tmp_path):
     assert len(frame) == 25 and np.isfinite(frame.to_numpy()).all()
 
 
+def test_simulate_is_noise_free_unless_asked(runner, tmp_path):
+    from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+    out = tmp_path / "clean.parquet"
+    assert (
+        runner.invoke(main, ["simulate", "--n", "20", "--out", str(out), "--quiet"]).exit_code == 0
+    )
+    frame = pd.read_parquet(out)
+    p_sim = asymptotic_momenta(frame[list(POSITION_COLUMNS)].to_numpy())
+    np.testing.assert_allclose(frame[list(MOMENTUM_COLUMNS)].to_numpy(), p_sim, rtol=1e-12)
+
+
 def test_simulate_is_reproducible_by_seed(runner, tmp_path):
     paths = [tmp_path / f"{i}.parquet" for i in range(3)]
     for path, seed in zip(paths, ["7", "7", "8"]):
@@ -311,3 +323,4 @@ def test_sample_refine_adds_residual_columns(runner, tiny_run, small_data, tmp_p
     np.testing.assert_allclose(table["residual"], rel, rtol=1e-6, atol=1e-12)
     assert (table["converged"] == (table["residual"] < 1e-9)).all()
     assert ((table["solution"] >= 0) == table["converged"]).all()
+    assert table["converged"].mean() >= 0.5  # noise-free events: most samples reach one

@@ -142,4 +142,5 @@ def test_figures_with_runaway_samples_still_show_the_bulk(tmp_path) -> None:
     pred[:4] = [[8.6e18, 1e12], [np.nan, 0.0], [-1e9, 3.0], [np.inf, 1.0]]
     assert _png(plots.real_vs_predicted(x, pred, tmp_path / "rvp.png", ["a", "b"], unit="m"))
     assert _png(plots.distributions(x, pred, tmp_path / "d.png", ["a", "b"]))
-    assert plots._outside(pred[:, 0], *plots.robust_limits(x[:, 0])) == 4
+    # The 4 runaways, and at most the tail of the bulk that the 0.1 % quantiles leave out.
+    assert 4 <= plots._outside(pred[:, 0], *plots.robust_limits(x[:, 0])) <= 6

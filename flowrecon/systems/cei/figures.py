@@ -137,6 +137,35 @@ def posterior_in_plane(
         >>> posterior_in_plane(xs, x, p, Path(tempfile.mkdtemp()) / "pp.png", [0, 1]).name
         'pp.png'
     """
+    s, t, p, idx = _checked(samples, truth, momenta, events, atoms)
+    if labels is not None and len(labels) != len(idx):
+        raise ValueError(f"labels has {len(labels)} entries for {len(idx)} events")
+    frame = momentum_frame(p[idx])  # (k, 3, 3)
+    xs = to_frame(remove_centre_of_mass(s[:, idx], masses), frame).reshape(s.shape[0], -1, 3, 3)
+    xt = to_frame(remove_centre_of_mass(t[idx], masses), frame).reshape(-1, 3, 3)
+    names = list(labels) if labels is not None else list(idx)
+    fig, axes = new_figure(len(idx), 4, (3.6, 3.4))
+    for k, name in enumerate(names):
+        row = axes[4 * k : 4 * k + 4]
+        _molecule_panel(row[0], xs[:, k], xt[k], atoms, name)
+        for a, atom in enumerate(atoms):
+            _zoom_panel(row[1 + a], xs[:, k, a, :2] - xt[k, a, :2], atom, _colour(atom, a))
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=5, color=_colour(atom, a), label=f"{atom} samples")
+        for a, atom in enumerate(atoms)
+    ]
+    handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="true"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle("Posterior in the molecular plane (momentum frame, centre of mass at 0)")
+    return save_figure(fig, out_path)
+
+
+def _colour(atom: str, index: int) -> str:
+    return _ATOM_COLOURS.get(atom, f"C{index}")
+
+
+def _checked(samples: Any, truth: Any, momenta: Any, events: Sequence[int], atoms: Sequence[str]):
+    """The figure's inputs as arrays, with messages that say what was expected."""
     s, t, p = (
         as_float_array(samples, "samples"),
         as_float_array(truth, "truth"),
@@ -159,63 +188,48 @@ def posterior_in_plane(
     bad = [e for e in events if not isinstance(e, int | np.integer) or not 0 <= e < b]
     if bad:
         raise ValueError(f"event indices must be integers in [0, {b}); got {bad}")
-    idx = np.asarray(events, dtype=int)
+    return s, t, p, np.asarray(events, dtype=int)
 
-    frame = momentum_frame(p[idx])  # (k, 3, 3)
-    xs = to_frame(remove_centre_of_mass(s[:, idx], masses), frame).reshape(s.shape[0], -1, 3, 3)
-    xt = to_frame(remove_centre_of_mass(t[idx], masses), frame).reshape(-1, 3, 3)
 
-    if labels is not None and len(labels) != len(events):
-        raise ValueError(f"labels has {len(labels)} entries for {len(events)} events")
-    names = list(labels) if labels is not None else events
-    fig, axes = new_figure(len(events), 4, (3.6, 3.4))
-    for k, name in enumerate(names):
-        row = axes[4 * k : 4 * k + 4]
-        ax = row[0]
-        # Bonds of the true geometry (C-O and C-S) help to read its shape at a glance.
-        for other in (1, 2):
-            ax.plot(xt[k, [0, other], 0], xt[k, [0, other], 1], color="0.6", lw=1.5, zorder=1)
-        for a, atom in enumerate(atoms):
-            colour = _ATOM_COLOURS.get(atom, f"C{a}")
-            ax.scatter(xs[:, k, a, 0], xs[:, k, a, 1], s=5, alpha=0.3, color=colour, lw=0, zorder=2)
-            ax.scatter(xt[k, a, 0], xt[k, a, 1], s=60, marker="x", color="black", lw=1.5, zorder=3)
-            # Zoom: samples relative to the true position, in bohr.
-            zoom = row[1 + a]
-            d = xs[:, k, a, :2] - xt[k, a, :2]
-            zoom.scatter(d[:, 0], d[:, 1], s=8, alpha=0.5, color=colour, lw=0)
-            zoom.scatter(0, 0, s=80, marker="x", color="black", lw=2, zorder=3)
-            # The bulk of the posterior sets the scale; a rare outlier may fall outside.
-            half = max(1.3 * float(np.quantile(np.abs(d), 0.975)), 1e-6)
-            zoom.set_xlim(-half, half)
-            zoom.set_ylim(-half, half)
-            zoom.set_aspect("equal")
-            rms = float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
-            style_axes(
-                zoom, "delta e1 (bohr)", "delta e2 (bohr)", f"{atom}: rms distance {rms:.2g} bohr"
-            )
-        # Equal scales on a square box around truth and bulk of the samples; limits set
-        # here (not left to "datalim") keep the constrained layout from clipping labels.
-        pts = np.concatenate(
-            [xt[k, :, :2], np.quantile(xs[:, k, :, :2], [0.01, 0.99], axis=0).reshape(-1, 2)]
-        )
-        centre = (pts.min(0) + pts.max(0)) / 2
-        half = 0.55 * float((pts.max(0) - pts.min(0)).max()) + 0.2
-        ax.set_xlim(centre[0] - half, centre[0] + half)
-        ax.set_ylim(centre[1] - half, centre[1] + half)
-        ax.set_aspect("equal", adjustable="box")
-        out_of_plane = float(np.sqrt(np.mean(xs[:, k, :, 2] ** 2)))
-        style_axes(
-            ax,
-            "e1, along p_S (bohr)",
-            "e2 (bohr)",
-            f"event {name}: {s.shape[0]} samples\nrms out-of-plane e3 = {out_of_plane:.2g} bohr",
-        )
-    handles = [
-        Line2D([], [], ls="", marker="o", ms=5, color=_ATOM_COLOURS.get(atom, f"C{a}"),
-               label=f"{atom} samples")
-        for a, atom in enumerate(atoms)
-    ]  # fmt: skip
-    handles.append(Line2D([], [], ls="", marker="x", ms=8, mew=2, color="black", label="true"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
-    fig.suptitle("Posterior in the molecular plane (momentum frame, centre of mass at 0)")
-    return save_figure(fig, out_path)
+def _molecule_panel(ax: Any, xs: np.ndarray, xt: np.ndarray, atoms: Sequence[str], name) -> None:
+    """The whole molecule: samples ``(n, 3, 3)`` and truth ``(3, 3)`` in the plane."""
+    # Bonds of the true geometry (C-O and C-S) help to read its shape at a glance.
+    for other in (1, 2):
+        ax.plot(xt[[0, other], 0], xt[[0, other], 1], color="0.6", lw=1.5, zorder=1)
+    for a, atom in enumerate(atoms):
+        ax.scatter(xs[:, a, 0], xs[:, a, 1], s=5, alpha=0.3, color=_colour(atom, a), lw=0,
+                   zorder=2)  # fmt: skip
+        ax.scatter(xt[a, 0], xt[a, 1], s=60, marker="x", color="black", lw=1.5, zorder=3)
+    # Equal scales on a square box around truth and bulk of the samples; limits set
+    # here (not left to "datalim") keep the constrained layout from clipping labels.
+    pts = np.concatenate(
+        [xt[:, :2], np.quantile(xs[:, :, :2], [0.01, 0.99], axis=0).reshape(-1, 2)]
+    )
+    centre = (pts.min(0) + pts.max(0)) / 2
+    half = 0.55 * float((pts.max(0) - pts.min(0)).max()) + 0.2
+    ax.set_xlim(centre[0] - half, centre[0] + half)
+    ax.set_ylim(centre[1] - half, centre[1] + half)
+    ax.set_aspect("equal", adjustable="box")
+    out_of_plane = float(np.sqrt(np.mean(xs[:, :, 2] ** 2)))
+    style_axes(
+        ax,
+        "e1, along p_S (bohr)",
+        "e2 (bohr)",
+        f"event {name}: {len(xs)} samples\nrms out-of-plane e3 = {out_of_plane:.2g} bohr",
+    )
+
+
+def _zoom_panel(ax: Any, d: np.ndarray, atom: str, colour: str) -> None:
+    """One atom's samples relative to its true position ``(n, 2)``, bohr."""
+    # The bulk of the posterior sets the scale; the title counts samples outside it.
+    half = max(1.3 * float(np.quantile(np.abs(d), 0.975)), 1e-6)
+    inside = (np.abs(d) <= half).all(axis=1)
+    ax.scatter(d[inside, 0], d[inside, 1], s=8, alpha=0.5, color=colour, lw=0)
+    ax.scatter(0, 0, s=80, marker="x", color="black", lw=2, zorder=3)
+    ax.set_xlim(-half, half)
+    ax.set_ylim(-half, half)
+    ax.set_aspect("equal")
+    rms = float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
+    outside = f", {int((~inside).sum())} outside" if not inside.all() else ""
+    style_axes(ax, "delta e1 (bohr)", "delta e2 (bohr)",
+               f"{atom}: rms distance {rms:.2g} bohr{outside}")  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from flowrecon.evaluation.metrics import coverage_curve, relative_errors, to_numpy
 from flowrecon.evaluation.metrics import nll as mean_nll
+from flowrecon.system import MetricInfo
 from flowrecon.systems.cei.constants import ATOMS, MASSES
 from flowrecon.systems.cei.physics import (
     energy_difference,
@@ -29,6 +30,7 @@ from flowrecon.systems.cei.physics import (
 from flowrecon.systems.cei.simulator import asymptotic_momenta
 
 __all__ = [
+    "METRIC_INFO",
     "CEIMetrics",
     "DESIGN_KEYS",
     "EXTRA_KEYS",
@@ -369,22 +371,43 @@ def cei_metrics(
     )
 
 
-#: Rows of `format_metrics_table`: key, unit, meaning.
-_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("ade", "bohr", "mean atom distance, posterior mean"),
-    ("ade_sample", "bohr", "mean atom distance, single draws"),
-    ("rmsd_com", "bohr", "RMSD after centre-of-mass removal"),
-    ("bond_error_co", "bohr", "mean |r_CO error|"),
-    ("bond_error_cs", "bohr", "mean |r_CS error|"),
-    ("angle_error_deg", "deg", "mean |O-C-S angle error|"),
-    ("posterior_std", "bohr", "mean posterior std of a coordinate"),
-    ("mse", "bohr^2", "mean squared coordinate error"),
-    ("mre", "%", "mean |error| / |truth| (seed decks)"),
-    ("mre2", "%", "mean (error / truth)^2 (seed decks)"),
-    ("energy_diff", "ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
-    ("energy_diff2", "ratio", "mean ((KE - PE) / KE)^2"),
-    ("resim_residual", "ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
-)
+#: Metrics of a CEI evaluation, in the order ``metrics.json`` lists them.
+METRIC_INFO: dict[str, MetricInfo] = {
+    "n": MetricInfo("events", "test events"),
+    "ade": MetricInfo("bohr", "mean atom distance, posterior mean"),
+    "ade_median": MetricInfo("bohr", "median over events of the mean atom distance"),
+    "ade_p95": MetricInfo("bohr", "95th percentile over events of the mean atom distance"),
+    "failure_rate": MetricInfo("fraction", "events with ade > 0.1 bohr or not finite"),
+    "ade_sample": MetricInfo("bohr", "mean atom distance, single draws"),
+    "rmsd_com": MetricInfo("bohr", "RMSD after centre-of-mass removal"),
+    "bond_error_co": MetricInfo("bohr", "mean |r_CO error|"),
+    "bond_error_cs": MetricInfo("bohr", "mean |r_CS error|"),
+    "angle_error_deg": MetricInfo("deg", "mean |O-C-S angle error|"),
+    "mre": MetricInfo("%", "mean |error| / |truth| (seed decks)"),
+    "mre2": MetricInfo("%", "mean (error / truth)^2 (seed decks)"),
+    "mse": MetricInfo("bohr^2", "mean squared coordinate error"),
+    "energy_diff": MetricInfo("ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
+    "energy_diff2": MetricInfo("ratio", "mean ((KE - PE) / KE)^2"),
+    "resim_residual": MetricInfo("ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
+    "coverage_50": MetricInfo("fraction", "true coordinates inside the central 50 % interval"),
+    "coverage_90": MetricInfo("fraction", "true coordinates inside the central 90 % interval"),
+    "nll": MetricInfo("nats", "mean negative log-likelihood of the true positions"),
+    "n_samples": MetricInfo("draws", "posterior draws per event"),
+    "ade_c": MetricInfo("bohr", "mean distance of C"),
+    "ade_o": MetricInfo("bohr", "mean distance of O"),
+    "ade_s": MetricInfo("bohr", "mean distance of S"),
+    "posterior_std": MetricInfo("bohr", "mean posterior std of a coordinate"),
+    "mre_small_coordinates": MetricInfo("count", "true coordinates near zero (mre unreliable)"),
+    "mre_small_threshold": MetricInfo("bohr", "|x| below which a coordinate counts as near zero"),
+    "resim_events": MetricInfo("events", "events re-simulated for resim_residual"),
+}
+
+#: Rows of `format_metrics_table`, in order (units and meanings from `METRIC_INFO`).
+_TABLE_KEYS: tuple[str, ...] = (
+    "ade", "ade_median", "ade_p95", "failure_rate", "ade_sample", "rmsd_com", "bond_error_co",
+    "bond_error_cs", "angle_error_deg", "posterior_std", "mse", "mre", "mre2", "energy_diff",
+    "energy_diff2", "resim_residual",
+)  # fmt: skip
 
 
 def _fmt(value: float | int | None) -> str:
@@ -408,9 +431,10 @@ def format_metrics_table(metrics: Metrics) -> str:
     if metrics.get("n_samples") is not None:
         header += f", {metrics['n_samples']} posterior draws each"
     rows: list[tuple[str, str, str, str]] = []
-    for key, unit, meaning in _ROWS:
+    for key in _TABLE_KEYS:
         if key not in metrics:
             continue
+        unit, meaning = METRIC_INFO[key].unit, METRIC_INFO[key].description
         if key == "ade" and all(f"ade_{a.lower()}" in metrics for a in ATOMS):
             per_atom = ", ".join(f"{a} {_fmt(metrics[f'ade_{a.lower()}'])}" for a in ATOMS)
             meaning = f"{meaning} ({per_atom})"
@@ -428,8 +452,8 @@ def format_metrics_table(metrics: Metrics) -> str:
         )
         rows.append((key, shown, "", meaning))
     if "nll" in metrics:
-        meaning = "mean negative log-likelihood of the true positions"
-        rows.append(("nll", _fmt(metrics["nll"]), "nats", meaning))
+        info = METRIC_INFO["nll"]
+        rows.append(("nll", _fmt(metrics["nll"]), info.unit, info.description))
 
     widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
     lines = [header] + [

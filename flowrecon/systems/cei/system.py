@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flowrecon.system import EvaluationContext, MetricInfo, System
+from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.cei.constants import (
     ATOMS,
     DEFAULT_CHARGES,
@@ -28,6 +28,7 @@ from flowrecon.systems.cei.constants import (
     MOMENTUM_COLUMNS,
     POSITION_COLUMNS,
 )
+from flowrecon.systems.cei.metrics import METRIC_INFO
 
 __all__ = ["BUILTIN_DATASET", "CEIEvaluator", "make_system"]
 
@@ -37,37 +38,6 @@ BUILTIN_DATASET: dict[str, Any] = {"n": 100_000, "seed": 2026, "momentum_noise":
 
 #: Highest charge accepted for an ion: no element has more protons than 118.
 MAX_CHARGE = 118.0
-
-#: Metrics of a CEI evaluation, in the order ``metrics.json`` lists them.
-METRIC_INFO: dict[str, MetricInfo] = {
-    "n": MetricInfo("events", "test events"),
-    "ade": MetricInfo("bohr", "mean atom distance, posterior mean"),
-    "ade_median": MetricInfo("bohr", "median over events of the mean atom distance"),
-    "ade_p95": MetricInfo("bohr", "95th percentile over events of the mean atom distance"),
-    "failure_rate": MetricInfo("fraction", "events with ade > 0.1 bohr or not finite"),
-    "ade_sample": MetricInfo("bohr", "mean atom distance, single draws"),
-    "rmsd_com": MetricInfo("bohr", "RMSD after centre-of-mass removal"),
-    "bond_error_co": MetricInfo("bohr", "mean |r_CO error|"),
-    "bond_error_cs": MetricInfo("bohr", "mean |r_CS error|"),
-    "angle_error_deg": MetricInfo("deg", "mean |O-C-S angle error|"),
-    "mre": MetricInfo("%", "mean |error| / |truth| (seed decks)"),
-    "mre2": MetricInfo("%", "mean (error / truth)^2 (seed decks)"),
-    "mse": MetricInfo("bohr^2", "mean squared coordinate error"),
-    "energy_diff": MetricInfo("ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
-    "energy_diff2": MetricInfo("ratio", "mean ((KE - PE) / KE)^2"),
-    "resim_residual": MetricInfo("ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
-    "coverage_50": MetricInfo("fraction", "true coordinates inside the central 50 % interval"),
-    "coverage_90": MetricInfo("fraction", "true coordinates inside the central 90 % interval"),
-    "nll": MetricInfo("nats", "mean negative log-likelihood of the true positions"),
-    "n_samples": MetricInfo("draws", "posterior draws per event"),
-    "ade_c": MetricInfo("bohr", "mean distance of C"),
-    "ade_o": MetricInfo("bohr", "mean distance of O"),
-    "ade_s": MetricInfo("bohr", "mean distance of S"),
-    "posterior_std": MetricInfo("bohr", "mean posterior std of a coordinate"),
-    "mre_small_coordinates": MetricInfo("count", "true coordinates near zero (mre unreliable)"),
-    "mre_small_threshold": MetricInfo("bohr", "|x| below which a coordinate counts as near zero"),
-    "resim_events": MetricInfo("events", "events re-simulated for resim_residual"),
-}
 
 #: Point metrics reported for refined predictions (with a ``refined_`` prefix).
 REFINED_KEYS = (
@@ -311,7 +281,9 @@ class CEIEvaluator:
         metrics.pop("nll", None)  # the generic evaluation reports nll
         if self.refine:
             metrics.update(
-                _refined_metrics(self.refine_starts, ctx.x, ctx.y, self.charges, self.prior)
+                _refined_metrics(
+                    self.refine_starts, ctx.x, ctx.y, self.charges, self.prior, _start_bank(ctx)
+                )
             )
         if self.weights:
             n = len(ctx.x)
@@ -385,12 +357,29 @@ class CEIEvaluator:
         return example_events_table(examples, ctx.x[list(shown)], range(len(shown)), labels=labels)
 
 
+_BANK: dict[str, Any] = {"key": None, "bank": None}
+
+
+def _start_bank(context: EvaluationContext) -> Any:
+    """The run's training events as refinement starts (`StartBank`), built once a run."""
+    from flowrecon.systems.cei.refine import StartBank
+
+    loader = context.training_rows
+    if loader is None:
+        return None
+    if _BANK["key"] is not loader:  # chunks of one command share one loader
+        x, y = loader()
+        _BANK["key"], _BANK["bank"] = loader, StartBank(x, y)
+    return _BANK["bank"]
+
+
 def _refined_metrics(
     starts: np.ndarray,
     x_true: np.ndarray,
     p_obs: np.ndarray,
     charges: tuple[float, ...],
     prior: str | None,
+    bank: Any = None,
 ) -> dict[str, Any]:
     """Refine posterior samples and compute the point metrics of the refined predictions."""
     from flowrecon.systems.cei.likelihood import ocs_log_prior
@@ -398,7 +387,7 @@ def _refined_metrics(
     from flowrecon.systems.cei.refine import refine_posterior
 
     log_prior = ocs_log_prior if prior == "ocs" else None
-    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior)
+    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior, bank=bank)
     # One refined prediction an event: a single "sample", so only point metrics apply.
     point = cei_metrics(refined.best[None], x_true, p_obs, charges=charges, resim_max_events=20_000)
     out: dict[str, Any] = {f"refined_{k}": point[k] for k in REFINED_KEYS}
@@ -414,6 +403,10 @@ def _refined_metrics(
             "refine_events_with_solution": float((refined.n_solutions > 0).mean()),
             "refine_events_multiple_solutions": float((refined.n_solutions > 1).mean()),
             "refine_events_within_1e-5_bohr": float((atom_err <= 1e-5).mean()),
+            "refine_events_truth_among_solutions": float(
+                (refined.nearest_solution_error(x_true) <= 1e-5).mean()
+            ),
+            "refine_start_bank": 0 if bank is None else len(bank),
             "refine_events_residual_below_1e-8": float((best_res <= 1e-8).mean()),
             "refined_median_atom_error": float(np.median(atom_err)),
             "refine_samples_per_s": n_starts / max(refined.seconds, 1e-12),
@@ -431,7 +424,9 @@ def _format_refined(metrics: Mapping[str, Any]) -> str:
         f"{100 * metrics['refine_events_multiple_solutions']:.2f} % of events have more "
         "than one solution;",
         f"{100 * metrics['refine_events_within_1e-5_bohr']:.2f} % of events within 1e-5 bohr "
-        f"of the truth, {100 * metrics['refine_events_residual_below_1e-8']:.2f} % with "
+        f"of the truth ({100 * metrics['refine_events_truth_among_solutions']:.2f} % with the "
+        f"truth among their solutions), {100 * metrics['refine_events_residual_below_1e-8']:.2f}"
+        " % with "
         f"momentum residual <= 1e-8 (median atom error "
         f"{metrics['refined_median_atom_error']:.2g} bohr)",
         f"  {'metric':<18}{'raw':>12}{'refined':>12}",
