@@ -39,6 +39,8 @@ Example (about ten seconds):
 from __future__ import annotations
 
 import contextlib
+import gc
+import hashlib
 import json
 import math
 import multiprocessing
@@ -48,6 +50,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
 import types
 import typing
@@ -572,8 +575,10 @@ def _work_left(study: optuna.Study, budget: int | None) -> bool:
 def _is_surplus(study: optuna.Study, number: int, budget: int | None) -> bool:
     """Whether a freshly created trial lies past the budget.
 
-    Trial numbers are handed out atomically by the storage, so when two workers see the
-    last free slot at once the later number is the surplus one: it is closed unrun.
+    Only possible on a database `_budget_lock` cannot lock (neither SQLite nor
+    PostgreSQL): trial numbers are handed out atomically by the storage, so when two
+    workers take the last free slot at once the later number is the surplus one, closed
+    unrun and not counted.
     """
     if budget is None:
         return False
@@ -582,15 +587,62 @@ def _is_surplus(study: optuna.Study, number: int, budget: int | None) -> bool:
     return sum(1 for t in trials if t.number < number and t.number not in skip) >= budget
 
 
-class _StopWhenDone:
-    """Optuna callback: stop this worker once the study's budget is used up."""
+@contextlib.contextmanager
+def _budget_lock(storage: Any, url: str, study_name: str) -> Iterator[None]:
+    """Holds a lock shared by every process on the study while a worker checks the budget
+    and creates its next trial, so that no trial is ever created past the budget.
 
-    def __init__(self, budget: int | None) -> None:
-        self.budget = budget
+    SQLite: an exclusive lock on a file beside the database; PostgreSQL: an advisory
+    lock keyed by the study name (released by the server if the process dies). Other
+    databases run unlocked: a trial created past the budget is then closed unrun.
+    """
+    if url.startswith("sqlite:///") and sys.platform != "win32":
+        import fcntl
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if not _work_left(study, self.budget):
-            study.stop()
+        with open(url[len("sqlite:///") :] + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif url.startswith("postgresql"):
+        from sqlalchemy import text
+
+        digest = hashlib.sha256(f"flowrecon.tune:{study_name}".encode()).digest()
+        key = int.from_bytes(digest[:8], "big", signed=True)
+        with storage.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial_id: int, interval: int | None) -> Iterator[None]:
+    """Records the trial's heartbeat every ``interval`` seconds while the block runs."""
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is retried next time
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- one worker ----------------------------------------------------------------------------
@@ -786,11 +838,11 @@ def _pruner(job: _Job) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _progress_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    value = "" if trial.value is None else f" {trial.value:.5g}"
+def _progress_line(trial: optuna.trial.Trial, state: str, value: float | None) -> None:
+    shown = "" if value is None else f" {value:.5g}"
     reason = trial.user_attrs.get("fail_reason", "")
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    line = f"trial {trial.number} {trial.state.name.lower()}{value} ({params}) {reason}"
+    line = f"trial {trial.number} {state}{shown} ({params}) {reason}"
     print(line.rstrip(), file=sys.stderr, flush=True)
 
 
@@ -808,6 +860,8 @@ def _optuna_quiet(progress: bool) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # Heartbeats with ask-and-tell are meant: `_heartbeat` sends them.
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
             yield
     finally:
         optuna.logging.set_verbosity(before)
@@ -820,34 +874,54 @@ def _work(
     device: str = "auto",
     ready: Any = None,
 ) -> None:
-    """One worker: runs trials on the study until the budget or the deadline is reached."""
+    """One worker: runs trials on the study until the budget or the deadline is reached.
+
+    Optuna's ask-and-tell interface, so that the budget check and the creation of the
+    next trial happen under one lock shared by every worker (`_budget_lock`).
+    """
     import optuna
 
+    storage = _open_storage(job.url, job.heartbeat)
     with _optuna_quiet(job.progress):
+        sampler, pruner = _sampler(job, worker), _pruner(job)
         study = optuna.load_study(
-            study_name=job.study,
-            storage=_open_storage(job.url, job.heartbeat),
-            sampler=_sampler(job, worker),
-            pruner=_pruner(job),
+            study_name=job.study, storage=storage, sampler=sampler, pruner=pruner
         )
         if ready is not None:  # start together, so that every worker takes a trial
             with contextlib.suppress(Exception):
                 ready.wait(_START_TIMEOUT)
-        if not _work_left(study, job.budget):
-            return
-        timeout = None if job.deadline is None else job.deadline - time.time()
-        if timeout is not None and timeout <= 1.0:
-            return
-        callbacks: list[Callable] = [_StopWhenDone(job.budget)]
+        objective = _Objective(job, data, device)
+        while job.deadline is None or time.time() < job.deadline - 1.0:
+            if job.heartbeat:
+                optuna.storages.fail_stale_trials(study)
+            with _budget_lock(storage, job.url, job.study):
+                if not _work_left(study, job.budget):
+                    return
+                trial = study.ask()
+            _run_trial(study, storage, trial, objective, job)
+            gc.collect()
+
+
+def _run_trial(
+    study: optuna.Study, storage: Any, trial: optuna.trial.Trial, objective: _Objective, job: _Job
+) -> None:
+    """Runs one trial and tells the study how it ended (KeyboardInterrupt propagates)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    state, value = TrialState.FAIL, None
+    try:
+        with _heartbeat(storage, trial._trial_id, job.heartbeat):
+            value = objective(trial)
+        state = TrialState.COMPLETE
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except Exception:  # recorded by the objective as the trial's fail_reason
+        pass
+    finally:  # also on KeyboardInterrupt: the trial is never left running
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         if job.progress:
-            callbacks.append(_progress_line)
-        study.optimize(
-            _Objective(job, data, device),
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=callbacks,
-            gc_after_trial=True,
-        )
+            _progress_line(trial, state.name.lower(), value)
 
 
 # -- worker processes ----------------------------------------------------------------------
