@@ -829,3 +829,152 @@ def compare(
     if not quiet:
         click.echo((out / "comparison.md").read_text())
         click.echo(f"wrote {out}/comparison.csv, comparison.md, calibration.png, comparison.png")
+
+
+@main.command(cls=_SystemCommand)
+@click.option("--model", "model", default=None, help="Model to tune (`flowrecon models`).")
+@_data_option("CSV or Parquet with the system's columns; default: its built-in simulated set.")
+@click.option(
+    "--out",
+    type=_DIRECTORY,
+    required=True,
+    help="Study directory: study.db, best.toml, trials.csv, figures, summary.txt.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=_FILE,
+    default=None,
+    help="TOML: [search] overrides of the search space; fixed [hparams], [training].",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Total trials of the study, over all its workers and runs.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds this command searches (no trial starts after it).",
+)
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Training budget of each trial, in minutes.",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=None, help="Maximum epochs of each trial."
+)
+@click.option(
+    "--metric",
+    default="val_loss",
+    show_default=True,
+    help="val_loss, or the system's error name (e.g. ade) on the validation rows.",
+)
+@click.option("--sampler", type=click.Choice(["tpe", "random"]), default="tpe", show_default=True)
+@click.option(
+    "--pruner",
+    type=click.Choice(["median", "hyperband", "none"]),
+    default="median",
+    show_default=True,
+)
+@click.option(
+    "--storage",
+    default=None,
+    metavar="URL|FILE",
+    help="postgresql://user@host/db shared by many machines [default: OUT/study.db].",
+)
+@click.option("--study", default=None, help="Study name on the storage [default: the model].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local worker processes sharing the storage.",
+)
+@_SYSTEM_OPTION
+@_SET_OPTION
+@_SEED_OPTION
+@click.option("--device", default="auto", show_default=True)
+@_DROP_INVALID_OPTION
+@_QUIET_OPTION
+@click.pass_context
+@_friendly_errors
+def tune(
+    ctx: click.Context,
+    model: str | None,
+    data: Path | None,
+    out: Path,
+    config_path: Path | None,
+    trials: int | None,
+    timeout: float | None,
+    max_minutes: float | None,
+    epochs: int | None,
+    metric: str,
+    sampler: str,
+    pruner: str,
+    storage: str | None,
+    study: str | None,
+    workers: int,
+    system_spec: str | None,
+    set_pairs: tuple[str, ...],
+    seed: int,
+    device: str,
+    drop_invalid: bool,
+    quiet: bool,
+) -> None:
+    """Search a model's hyper-parameters with Optuna; write best.toml for `fit --config`.
+
+    Every worker, on any machine, runs the same command with the same --storage and
+    --study; re-running it resumes the study. The test rows of the split stay untouched.
+    """
+    from flowrecon.config import FitConfig, read_config_file
+    from flowrecon.runs import tune_run
+
+    cfg = read_config_file(config_path) if config_path else FitConfig()
+    model = model or cfg.model
+    if not model:
+        raise click.UsageError("give --model NAME (or [model] name in --config)")
+    spec, routed = _system_values(
+        system_spec or cfg.system, set_pairs, ctx.args, ["system"], base=cfg.system_options
+    )
+    hparams, training = _config_checked(cfg, model)
+    if epochs is not None:
+        training["epochs"] = epochs
+    generator = {**cfg.preprocessing, "device": device}
+    try:
+        result = tune_run(
+            model,
+            out,
+            system=spec,
+            system_options=routed["system"],
+            data=data or cfg.data,
+            metric=metric,
+            seed=seed,
+            drop_invalid=drop_invalid,
+            progress=not quiet,
+            trials=trials,
+            timeout=timeout,
+            max_minutes_per_trial=max_minutes,
+            sampler=sampler,
+            pruner=pruner,
+            storage=storage,
+            study=study,
+            workers=workers,
+            search=cfg.search or None,
+            hparams=hparams,
+            training=training,
+            generator_options=generator,
+        )
+    except KeyboardInterrupt:
+        summary = out / "summary.txt"
+        if summary.is_file() and not quiet:
+            click.echo(summary.read_text())
+        raise Interrupted(
+            f"the study in {out} is consistent; run the same command to resume"
+        ) from None
+    if not quiet:
+        click.echo(result.summary)

@@ -1059,3 +1059,83 @@ def compare_runs(
             )
         table = write_comparison(rows, curves, stage, system_obj)
     return table
+
+
+# -- tune ----------------------------------------------------------------------------------
+
+
+def validation_error(
+    spec: str, options: Mapping[str, Any], samples: int, model: Any, x: Any, y: Any
+) -> float:
+    """The system's mean per-event error of the posterior mean on held-out rows.
+
+    A module-level function of plain arguments, so that tuning workers in other processes
+    can call it (with `functools.partial` over ``spec``, ``options`` and ``samples``).
+    """
+    system = make_system(spec, **dict(options))
+    y = np.asarray(y, dtype=np.float64)
+    mean = np.asarray(model.sample(y, n=samples, seed=0)).mean(0)
+    err = system.event_error(mean, np.asarray(x, dtype=np.float64))
+    return float(np.mean(err)) if np.isfinite(err).all() else float("inf")
+
+
+def tune_run(
+    model: str,
+    out: str | os.PathLike,
+    *,
+    system: str | SystemFactory = DEFAULT_SYSTEM,
+    system_options: Mapping[str, Any] | None = None,
+    data: str | os.PathLike | None = None,
+    metric: str = "val_loss",
+    seed: int = 0,
+    drop_invalid: bool = False,
+    progress: bool = False,
+    **tune_options: Any,
+) -> Any:
+    """Tunes ``model`` on a system's data: `flowrecon.tune.tune` on the run split.
+
+    The data are split as `fit_run` splits them (same system, same seed), the search runs
+    on the training and validation rows, and the test rows stay untouched, so that
+    ``flowrecon fit --config OUT/best.toml`` followed by ``evaluate`` scores the tuned
+    configuration on events the search never saw. ``metric`` is ``val_loss`` or the
+    system's error name (``ade`` for CEI): its mean on the validation rows. Re-running
+    the same call resumes the study. Other options go to `flowrecon.tune.tune`.
+    """
+    import functools
+
+    from flowrecon.tune import tune
+
+    seed = _check_seed(seed)
+    system_obj, spec = resolve_system(system, system_options)
+    metric_fn = None
+    if metric != "val_loss":
+        if metric != system_obj.error_name:
+            raise ValueError(
+                f"unknown metric {metric!r}; choose val_loss or {system_obj.error_name!r} "
+                f"(the mean per-event error of system {system_obj.name!r})"
+            )
+        if spec is None:
+            raise ValueError("a metric of a System made in a script needs its factory by name")
+        metric_fn = functools.partial(validation_error, spec, dict(system_obj.options), 20)
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"{data}: no such data file")
+    if data is None:
+        table = _table_from_frame(system_obj, simulate_data(system_obj, progress=progress), None,
+                                  None)  # fmt: skip
+    else:
+        table = read_system_table(system_obj, data, drop_invalid=drop_invalid)
+    train_idx, val_idx, _ = _split(system_obj, table, seed, data)
+    generator = {
+        "transform": system_obj.transform or "none",
+        **tune_options.pop("generator_options", {}),
+    }
+    # TOML has no None: an option left at None is its default, which fit applies too.
+    options = {k: v for k, v in system_obj.options.items() if v is not None}
+    sections: dict[str, Any] = {"system": {"name": spec or system_obj.name, **options}}
+    if data is not None:
+        sections["data"] = {"path": str(Path(data).resolve())}
+    return tune(
+        model, table.x[train_idx], table.y[train_idx], table.x[val_idx], table.y[val_idx],
+        out=out, metric=metric, metric_fn=metric_fn, seed=seed, progress=progress,
+        generator_options=generator, best_sections=sections, **tune_options,
+    )  # fmt: skip
