@@ -6,7 +6,9 @@ Two habits of nflows are avoided here: ``Flow.sample(n, context)`` returns conte
 adapter always passes y).
 
 Bounded samples. The spline flow is bounded by construction (each spline maps
-[-tail_bound, tail_bound] onto itself, with identity tails). The affine flow uses
+[-tail_bound, tail_bound] onto itself, with identity tails); its inverse runs in float64
+(`SplineAutoregressiveTransform`), where nflows' float32 arithmetic can fail an assertion
+on conditions far from the training data. The affine flow uses
 `BoundedMaskedAffineTransform` by default (``bounded=True``): soft-bounded location and
 log-scale (`flowrecon.nn.AFFINE_MAX_EXPANSION`), so no sampling step can amplify its
 input by more than a fixed factor; ``bounded=False`` is nflows' own affine MADE layer.
@@ -95,6 +97,22 @@ class BoundedMaskedAffineTransform(MaskedAffineAutoregressiveTransform):
         return inputs * (-log_scale).exp() + loc, -log_scale.sum(-1)
 
 
+class SplineAutoregressiveTransform(MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """nflows' rational-quadratic MADE layer whose inverse (sampling) runs in float64.
+
+    The inverse solves a quadratic per feature and asserts a non-negative discriminant;
+    in float32, a condition far from the training data (sharp bins, large derivatives)
+    makes it round below zero and sampling stops with an ``AssertionError``. The same
+    network and parameters, only the spline arithmetic of the inverse in double precision.
+    """
+
+    def _elementwise_inverse(self, inputs, autoregressive_params):
+        outputs, logabsdet = self._elementwise(
+            inputs.double(), autoregressive_params.double(), inverse=True
+        )
+        return outputs.to(inputs.dtype), logabsdet.to(inputs.dtype)
+
+
 def build_maf(
     x_dim: int,
     y_dim: int,
@@ -177,7 +195,7 @@ def build_nsf(
     check_positive(tail_bound=tail_bound)
 
     def layer() -> Transform:
-        return MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+        return SplineAutoregressiveTransform(
             **made, num_bins=bins, tails="linear", tail_bound=tail_bound
         )
 
