@@ -619,12 +619,21 @@ class ConditionalGenerator:
                 for attr in _FITTED:  # a failed fit leaves the model unfitted
                     self.__dict__.pop(attr, None)
                 raise
-        if density_options is not None:
-            self.condition_density_ = _fit_condition_density(
-                pipeline, y_tr, y_va, density_options, self.seed, device
+        if self.history_.stopped == "interrupted":
+            # The user asked to stop: the best state is kept, the extras are not fitted.
+            warnings.warn(
+                "training was interrupted: the model keeps its best state but has no "
+                "condition density and no calibrated temperature",
+                RuntimeWarning,
+                stacklevel=2,
             )
-        if calibrate and x_va is not None and x_va.shape[0] >= _MIN_CALIBRATION_ROWS:
-            self.calibrate(x_va, y_va, seed=self.seed)
+        else:
+            if density_options is not None:
+                self.condition_density_ = _fit_condition_density(
+                    pipeline, y_tr, y_va, density_options, self.seed, device
+                )
+            if calibrate and x_va is not None and x_va.shape[0] >= _MIN_CALIBRATION_ROWS:
+                self.calibrate(x_va, y_va, seed=self.seed)
         if checkpoint is not None:
             self.save(checkpoint)  # the final state: best weights, end-of-fit statistics, history
         return self
@@ -718,53 +727,73 @@ class ConditionalGenerator:
         yt = self._condition(y)
         batch_shape = yt.shape[:-1]
         yf = yt.reshape(-1, self.y_dim_)
-        ym_all = self._representable_or_raise(yf)
-        max_chunk = _chunk(max_chunk, self.device_)
-        per_draw = max(1, min(n, max_chunk))  # samples per condition drawn at once
-        rows = max(1, max_chunk // per_draw)  # conditions per chunk
-        on_cpu = not isinstance(y, Tensor)
-        chunks = []
-        redrawn = torch.zeros(yf.shape[0], dtype=torch.int64, device=self.device_)
-        unresolved = torch.zeros_like(redrawn)
-        est, pipe = self.estimator_, self.preprocessing_
+        ym = self._representable_or_raise(yf)
         support = None
         if guard:  # files of format 1 have no support: then only non-finite draws are redrawn
-            support = self.support_ or Support.unbounded(self.preprocessing_.model_x_dim)
-        est.eval()
+            support = self.support_
+            if support is None:
+                support = Support.unbounded(self.preprocessing_.model_x_dim)
         with torch.no_grad(), seeded(seed, self.device_):
-            for start in range(0, yf.shape[0], rows):
-                yc, ym = yf[start : start + rows], ym_all[start : start + rows].float()
-                draws = []
-                for done in range(0, n, per_draw):
-                    xs = est.sample(min(per_draw, n - done), ym, temperature=temp)
-                    if support is not None:
-
-                        def again(m: int, ev: Tensor, ym: Tensor = ym) -> Tensor:
-                            return est.sample(m, ym[ev], temperature=temp)
-
-                        xs, r, u = redraw(xs, again, support)
-                        redrawn[start : start + rows] += r
-                        unresolved[start : start + rows] += u
-                    xu = pipe.decode_x(xs.to(torch.float64), yc)
-                    draws.append(xu.cpu() if on_cpu else xu)
-                chunks.append(torch.cat(draws, 0))
-        out = torch.cat(chunks, 1) if chunks else yf.new_zeros(n, 0, self.x_dim_)
+            out, redrawn, unresolved = self._draw(
+                yf, ym, n, temp, _chunk(max_chunk, self.device_), support, not isinstance(y, Tensor)
+            )
         samples = _output(out.reshape(n, *batch_shape, self.x_dim_), y)
         if not return_diagnostics:
             return samples
-        density = self.condition_density_
         lp = inside = None
-        if density is not None:
-            features = pipe.pair.forward_y(yf)
-            lp = _output(density._log_prob(features).reshape(batch_shape), y)
-            inside = _output(density.in_domain(features).reshape(batch_shape), y)
+        if self.condition_density_ is not None:
+            features = self._pair_features(yf)
+            lp = self.condition_density_._log_prob(features).reshape(batch_shape)
+            inside = self.condition_density_.in_domain(features).reshape(batch_shape)
         return SampleDiagnostics(
             samples,
             _output(redrawn.reshape(batch_shape), y),
             _output(unresolved.reshape(batch_shape), y),
-            lp,
-            inside,
+            None if lp is None else _output(lp, y),
+            None if inside is None else _output(inside, y),
         )
+
+    def _draw(
+        self,
+        yf: Tensor,
+        ym: Tensor,
+        n: int,
+        temp: float,
+        max_chunk: int,
+        support: Support | None,
+        to_host: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """n draws per condition, chunk by chunk, guarded; with per-event redraw counts.
+
+        ``yf`` ``(B, Dy)`` user conditions, ``ym`` the same in model space (float64).
+        Returns the samples ``(n, B, Dx)`` in the user's space (on the host when
+        ``to_host``) and the redrawn and unresolved counts ``(B,)``.
+        """
+        per_draw = max(1, min(n, max_chunk))  # samples per condition drawn at once
+        rows = max(1, max_chunk // per_draw)  # conditions per chunk
+        redrawn = torch.zeros(yf.shape[0], dtype=torch.int64, device=self.device_)
+        unresolved = torch.zeros_like(redrawn)
+        est, pipe = self.estimator_, self.preprocessing_
+        est.eval()
+        chunks = []
+        for start in range(0, yf.shape[0], rows):
+            yc, ymc = yf[start : start + rows], ym[start : start + rows].float()
+
+            def again(m: int, events: Tensor, ymc: Tensor = ymc) -> Tensor:
+                return est.sample(m, ymc[events], temperature=temp)
+
+            draws = []
+            for done in range(0, n, per_draw):
+                xs = est.sample(min(per_draw, n - done), ymc, temperature=temp)
+                if support is not None:
+                    xs, r, u = redraw(xs, again, support)
+                    redrawn[start : start + rows] += r
+                    unresolved[start : start + rows] += u
+                xu = pipe.decode_x(xs.to(torch.float64), yc)
+                draws.append(xu.cpu() if to_host else xu)
+            chunks.append(torch.cat(draws, 0))
+        out = torch.cat(chunks, 1) if chunks else yf.new_zeros(n, 0, self.x_dim_)
+        return out, redrawn, unresolved
 
     def condition_log_prob(self, y: Any) -> Any:
         """Log-density of each condition row under the model's condition density.

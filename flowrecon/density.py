@@ -259,7 +259,7 @@ class Density:
         finite = lp[torch.isfinite(lp)]
         if finite.numel() == 0:
             raise ValueError("the fitted density is not finite on any reference row")
-        self.threshold_ = float(torch.quantile(finite.double().cpu(), self.quantile))
+        self.threshold_ = float(np.quantile(finite.cpu().numpy(), self.quantile))
         # Rounding puts rows a hair off the training subspace; ten times the largest
         # training offset (or 1e-9 of the features' scale) is still inside.
         scale = float(whitening.std.square().sum().sqrt())  # type: ignore[union-attr]

@@ -229,3 +229,12 @@ def test_log_prob_includes_the_preprocessing_log_det() -> None:
     np.testing.assert_allclose(
         b.log_prob(2 * x[:5] + 1, y[:5]), a.log_prob(x[:5], y[:5]) - 3 * np.log(2), atol=1e-5
     )
+
+
+def test_whitening_says_why_it_cannot_whiten_huge_values() -> None:
+    from flowrecon.preprocessing import Whitening
+
+    x = torch.randn(20, 3, dtype=torch.float64)
+    x[4, 1] = 1e200  # its square overflows the covariance
+    with pytest.raises(ValueError, match="too large .* to whiten: its covariance overflows"):
+        Whitening().fit(x)

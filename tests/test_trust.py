@@ -326,3 +326,21 @@ def test_format_1_files_rebuild_the_model_they_were_trained_as(tmp_path) -> None
     with pytest.raises(ValueError, match="no condition density"):
         loaded.in_domain(y[:2])
     assert loaded.sample(y[:2], n=2, return_diagnostics=True).in_domain is None
+
+
+def test_interrupted_fit_keeps_the_best_state_and_skips_the_extras() -> None:
+    x, y = toy(300)
+    calls = {"n": 0}
+
+    def physics(xs, xt, yy):
+        calls["n"] += 1
+        if calls["n"] == 8:  # Ctrl-C in the second epoch
+            raise KeyboardInterrupt
+        return {"zero": 0.0 * xs.sum()}
+
+    model = fr.make("cvae", hidden_dim=8, latent_dim=2, device="cpu")
+    with pytest.warns(RuntimeWarning, match="training was interrupted"):
+        model.fit(x, y, epochs=5, batch_size=64, physics_loss=physics, quiet=True)
+    assert model.history_.stopped == "interrupted" and model.history_.best_epoch == 1
+    assert model.condition_density_ is None and model.calibration_ is None
+    assert np.isfinite(model.sample(y[:3], n=2)).all()
