@@ -1206,7 +1206,15 @@ def _from_state(state: Mapping[str, Any], dev: torch.device, device: str) -> Con
     # Format 1 files have no support, condition scale, density or calibration record.
     support = state.get("support")
     gen.support_ = None if support is None else Support.from_state(support).to(dev)
+    if gen.support_ is not None and gen.support_.lo.shape != (pipeline.model_x_dim,):
+        raise ValueError("its support does not match the target's width in model space")
     scale = state.get("condition_scale")
+    if scale is not None and not (
+        isinstance(scale, Tensor)
+        and scale.shape == (pipeline.model_y_dim,)
+        and bool(torch.isfinite(scale).all() and (scale > 0).all())
+    ):
+        raise ValueError("its condition scale is not a positive vector of the condition's width")
     gen.condition_scale_ = None if scale is None else scale.to(dev, torch.float64)
     density = state.get("condition_density")
     gen.condition_density_ = (

@@ -99,10 +99,14 @@ class Support:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Support:
-        lo, hi = state["lo"], state["hi"]
+        lo, hi, radius = state["lo"], state["hi"], float(state["radius"])
         if not (isinstance(lo, Tensor) and isinstance(hi, Tensor) and lo.shape == hi.shape):
             raise ValueError("the support bounds are not two tensors of one shape")
-        return cls(lo, hi, float(state["radius"]), float(state["margin"]))
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
+            raise ValueError("the support bounds are not finite, ordered numbers")
+        if not 0 < radius < torch.inf:
+            raise ValueError(f"the support radius {radius} is not a positive number")
+        return cls(lo.to(torch.float64), hi.to(torch.float64), radius, float(state["margin"]))
 
 
 def _take(pool: Tensor, usable: Tensor, rank: Tensor) -> Tensor:
