@@ -93,3 +93,16 @@ def test_learned_prior_needs_three_features() -> None:
         learned_log_prior(d)
     with pytest.raises(ValueError, match="positions must have 9 columns"):
         internal_coordinates(np.zeros((2, 6)))
+
+
+def test_posterior_weights_take_a_callable_prior() -> None:
+    from flowrecon.systems.cei.likelihood import posterior_weights
+    from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+    x = geometries(3, 5)
+    p = asymptotic_momenta(torch.as_tensor(x)).numpy()
+    samples = x + 0.02 * np.random.default_rng(0).normal(size=(6, 3, 9))
+    log_q = np.zeros((6, 3))
+    by_name = posterior_weights(samples, p, log_q, 0.01, prior="ocs")
+    by_callable = posterior_weights(samples, p, log_q, 0.01, prior=ocs_log_prior)
+    np.testing.assert_allclose(by_callable.weights, by_name.weights)
