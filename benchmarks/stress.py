@@ -23,6 +23,7 @@ posterior samples each (`model.sample(..., return_diagnostics=True)`):
 - ``ade`` and ``ade_median``: mean and median over events of the per-event mean atom
   distance of the posterior mean; ``ade_ratio`` = ade / ade_median;
 - ``coverage_90``: fraction of true coordinates inside the central 90 % intervals;
+  ``raw_coverage_90`` the same for the raw draws (the guard must not change it);
 - ``redrawn``, ``unresolved``: samples redrawn by the guard and left unresolved (all
   events), ``redrawn_events``;
 - ``flagged_test``: fraction of test events `in_domain` calls outside (false alarms);
@@ -56,7 +57,8 @@ from flowrecon.systems.cei.simulator import asymptotic_momenta  # noqa: E402
 
 COLUMNS = (
     "model", "epochs", "train_s", "max_dist", "beyond_1", "raw_max_dist", "raw_beyond_1",
-    "ade", "ade_median", "ade_ratio", "coverage_90", "redrawn", "redrawn_events",
+    "ade", "ade_median", "ade_ratio", "coverage_90", "raw_coverage_90", "redrawn",
+    "redrawn_events",
     "unresolved", "flagged_test", "flagged_ood", "temperature",
 )  # fmt: skip
 
@@ -105,7 +107,7 @@ def evaluate(model, x: np.ndarray, p: np.ndarray, samples: int, seed: int, chunk
     """The test-set numbers of one model (see the module docstring)."""
     max_dist = raw_max = 0.0
     beyond = raw_beyond = redrawn = redrawn_events = unresolved = 0
-    per_event, covered, flagged = [], [], []
+    per_event, covered, raw_covered, flagged = [], [], [], []
     worst: list[tuple[float, float]] = []
     bends = bend_degrees(x)
     for start in range(0, len(p), chunk):
@@ -122,6 +124,7 @@ def evaluate(model, x: np.ndarray, p: np.ndarray, samples: int, seed: int, chunk
         raw_max = max(raw_max, float(raw_dist[finite].max()) if finite.any() else math.inf)
         raw_max = raw_max if finite.all() else math.inf
         raw_beyond += int((~(raw_dist <= 1.0)).sum())
+        raw_covered.append(central_interval_coverage(raw, x[sl], 0.9) * len(raw_dist[0]))
         mean = d.samples.mean(0)
         per_event.append(atom_distances(mean, x[sl]).mean(-1))
         covered.append(central_interval_coverage(d.samples, x[sl], 0.9) * (len(mean)))
@@ -141,6 +144,7 @@ def evaluate(model, x: np.ndarray, p: np.ndarray, samples: int, seed: int, chunk
         "ade_median": float(np.median(errors)),
         "ade_ratio": float(errors.mean() / np.median(errors)),
         "coverage_90": float(np.sum(covered) / len(p)),
+        "raw_coverage_90": float(np.sum(raw_covered) / len(p)),
         "redrawn": redrawn,
         "redrawn_events": redrawn_events,
         "unresolved": unresolved,
