@@ -21,7 +21,9 @@ posterior samples each (`model.sample(..., return_diagnostics=True)`):
   draws without the guard (``sample(..., guard=False)``, same seed): ``raw_max_dist``,
   ``raw_beyond_1``;
 - ``ade`` and ``ade_median``: mean and median over events of the per-event mean atom
-  distance of the posterior mean; ``ade_ratio`` = ade / ade_median;
+  distance of the posterior mean; ``ade_ratio`` = ade / ade_median; in the JSON also
+  ``failure_rate`` (events off by more than 0.1 bohr), ``error_p99`` and, per bend range
+  (0-10, 10-20, 20+ degrees), the events' ade, median and share of the summed error;
 - ``coverage_90``: fraction of true coordinates inside the central 90 % intervals;
   ``raw_coverage_90`` the same for the raw draws (the guard must not change it);
 - ``redrawn``, ``unresolved``: samples redrawn by the guard and left unresolved (all
@@ -135,6 +137,17 @@ def evaluate(model, x: np.ndarray, p: np.ndarray, samples: int, seed: int, chunk
             flagged.append(~d.in_domain)
     errors = np.concatenate(per_event)
     worst.sort(reverse=True)
+    by_bend = {}
+    for lo, hi in ((0, 10), (10, 20), (20, 90)):
+        sel = (bends >= lo) & (bends < hi)
+        if sel.any():
+            e = errors[sel]
+            by_bend[f"{lo}-{hi}"] = {
+                "events": int(sel.sum()),
+                "ade": float(e.mean()),
+                "ade_median": float(np.median(e)),
+                "share_of_ade_sum": float(e.sum() / errors.sum()),
+            }
     return {
         "max_dist": max_dist,
         "beyond_1": beyond,
@@ -150,6 +163,9 @@ def evaluate(model, x: np.ndarray, p: np.ndarray, samples: int, seed: int, chunk
         "unresolved": unresolved,
         "flagged_test": float(np.concatenate(flagged).mean()) if flagged else None,
         "worst_events": [{"max_dist": a, "bend_deg": b} for a, b in worst[:5]],
+        "error_p99": float(np.quantile(errors, 0.99)),
+        "failure_rate": float(np.mean(~(errors <= 0.1))),
+        "by_bend_deg": by_bend,
     }
 
 
