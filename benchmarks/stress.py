@@ -31,6 +31,10 @@ posterior samples each (`model.sample(..., return_diagnostics=True)`):
 - ``flagged_test``: fraction of test events `in_domain` calls outside (false alarms);
   ``flagged_ood``: the same on the beyond-range events (target >= 0.95).
 
+``--epochs N`` trains exactly N epochs instead of a wall-clock budget, and ``--hparam
+k=v`` sets hyper-parameters: paired comparisons under load, e.g. ``--models zuko-maf
+--epochs 12 --hparam bounded=false`` against the same without ``--hparam``.
+
 Targets (issue 10): no sample more than 1 bohr off, ade within 1.5x of ade_median, and at
 least 95 % of the beyond-range events flagged.
 """
@@ -49,8 +53,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's flowrecon
-from _common import environment, fit_for, markdown_table, write_results  # noqa: E402
+from _common import SETTINGS, environment, fit_for, markdown_table, write_results  # noqa: E402
 
+import flowrecon as fr  # noqa: E402
 from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.evaluation.metrics import central_interval_coverage  # noqa: E402
 from flowrecon.registry import MODELS, is_installed  # noqa: E402
@@ -184,6 +189,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--epochs", type=int, default=None, help="fixed epochs instead of minutes")
+    ap.add_argument("--hparam", action="append", default=[], help="k=v, repeatable")
     ap.add_argument("--stem", default="stress", help="result file names in benchmarks/results")
     args = ap.parse_args()
     if args.quick:
@@ -215,10 +222,19 @@ def main() -> None:
             print(f"skipping {name}: not a registered, installed model", flush=True)
             continue
         t = time.time()
-        model = fit_for(
-            name, x_tr, p_tr, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-            device=device, seed=args.seed,
-        )  # fmt: skip
+        if args.epochs is None and not args.hparam:
+            model = fit_for(
+                name, x_tr, p_tr, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                device=device, seed=args.seed,
+            )  # fmt: skip
+        else:  # a fixed number of epochs and/or hyper-parameters: paired comparisons
+            hparams = dict(h.split("=", 1) for h in args.hparam)
+            model = fr.make(name, **{**SETTINGS.get(name, {}), **hparams}, device=str(device))
+            model.fit(
+                x_tr, p_tr, epochs=args.epochs or 100_000, batch_size=args.batch_size,
+                lr=args.lr, lr_schedule="cosine", patience=0,
+                max_minutes=None if args.epochs else args.minutes, quiet=True,
+            )  # fmt: skip
         train_s = time.time() - t
         row = {"model": name, "epochs": model.history_.epochs, "train_s": train_s}
         row["temperature"] = model.temperature_
