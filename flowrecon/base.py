@@ -60,6 +60,8 @@ FORMAT_VERSION = 2
 #: format 1 are rebuilt with these values (what those files were trained with).
 LEGACY_HPARAMS: dict[str, dict[str, Any]] = {
     "cvae": {"decoder": "deterministic"},
+    "freia-allinone": {"bounded": False},
+    "freia-cinn": {"bounded": False},
     "nflows-maf": {"bounded": False},
     "zuko-maf": {"bounded": False},
     "zuko-realnvp": {"bounded": False},

@@ -170,6 +170,27 @@ def bounded_affine_parameters(
     return loc, log_scale
 
 
+class SoftBound(nn.Module):
+    """``u / (1 + |u| / bound)``: the outputs of a network soft-bounded to (-bound, bound).
+
+    No parameters, so appending it to a network leaves its state dict unchanged.
+
+    Example:
+        >>> SoftBound(10.0)(torch.tensor([0.0, 1.0, 1e9]))
+        tensor([ 0.0000,  0.9091, 10.0000])
+    """
+
+    def __init__(self, bound: float) -> None:
+        super().__init__()
+        self.bound = float(bound)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u / (1 + u.abs() / self.bound)
+
+    def extra_repr(self) -> str:
+        return f"bound={self.bound:g}"
+
+
 def mlp(
     in_dim: int,
     out_dim: int,
@@ -177,6 +198,7 @@ def mlp(
     activation_name: str = "relu",
     *,
     zero_last: bool = False,
+    output_bound: float | None = None,
 ) -> nn.Sequential:
     """A multilayer perceptron ``in_dim -> hidden[0] -> ... -> out_dim``.
 
@@ -189,6 +211,8 @@ def mlp(
         activation_name: Name of the activation between layers (see `ACTIVATIONS`).
         zero_last: Initialise the last layer to zero, so that a coupling or
             autoregressive block built on it starts as the identity.
+        output_bound: Soft-bound the outputs to (-output_bound, output_bound)
+            (`SoftBound`); None leaves them unbounded.
 
     Example:
         >>> import torch
@@ -208,16 +232,24 @@ def mlp(
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
     layers.append(last)
+    if output_bound is not None:
+        layers.append(SoftBound(output_bound))
     return nn.Sequential(*layers)
 
 
 def subnet_constructor(
-    hidden: int, num_layers: int = 2, activation_name: str = "relu", *, zero_last: bool = True
+    hidden: int,
+    num_layers: int = 2,
+    activation_name: str = "relu",
+    *,
+    zero_last: bool = True,
+    output_bound: float | None = None,
 ) -> Callable[[int, int], nn.Module]:
     """A FrEIA-style ``subnet_constructor(dims_in, dims_out)`` of constant width.
 
     ``num_layers`` hidden layers of width ``hidden`` (none: a linear map); with
-    ``zero_last`` the last layer starts at zero, so a coupling block starts as the identity.
+    ``zero_last`` the last layer starts at zero, so a coupling block starts as the identity;
+    ``output_bound`` soft-bounds the outputs (see `mlp`).
 
     Example:
         >>> make_subnet = subnet_constructor(64, 2, "relu")
@@ -228,6 +260,13 @@ def subnet_constructor(
     check_at_least(num_layers=(num_layers, 0))
 
     def construct(dims_in: int, dims_out: int) -> nn.Module:
-        return mlp(dims_in, dims_out, [hidden] * num_layers, activation_name, zero_last=zero_last)
+        return mlp(
+            dims_in,
+            dims_out,
+            [hidden] * num_layers,
+            activation_name,
+            zero_last=zero_last,
+            output_bound=output_bound,
+        )
 
     return construct

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowrecon import nn as nn_module
 from flowrecon.models import freia
 from flowrecon.models import nflows as nflows_backend
 from flowrecon.models import zuko as zuko_backend
@@ -43,6 +44,7 @@ BUILDERS: dict[str, Callable[..., Estimator]] = {
     "zuko-realnvp-unbounded": partial(
         zuko_backend.build_realnvp, transforms=2, hidden=16, bounded=False
     ),
+    "freia-cinn-unbounded": partial(freia.build_cinn, blocks=3, hidden=16, bounded=False),
 }
 FREIA = [name for name in BUILDERS if name.startswith("freia")]
 # The public builders under their registry names.
@@ -368,21 +370,28 @@ def _wild(builder: Callable[..., Estimator], scale: float) -> Estimator:
     return model
 
 
-@pytest.mark.parametrize(
-    ("name", "layers"), [("zuko-maf", 2), ("zuko-realnvp", 2), ("nflows-maf", 2)]
-)
-def test_bounded_affine_flows_cannot_run_away(name, layers):
-    from flowrecon.nn import AFFINE_MAX_EXPANSION, AFFINE_MAX_LOC
+AFFINE = (nn_module.AFFINE_MAX_EXPANSION, nn_module.AFFINE_MAX_LOC)
 
+
+@pytest.mark.parametrize(
+    ("name", "layers", "expansion", "shift"),
+    [
+        ("zuko-maf", 2, *AFFINE),
+        ("zuko-realnvp", 2, *AFFINE),
+        ("nflows-maf", 2, *AFFINE),
+        ("freia-cinn", 3, 2.0, freia.FREIA_MAX_SHIFT),  # clamp 2: |s| <= 2
+    ],
+)
+def test_bounded_flows_cannot_run_away(name, layers, expansion, shift):
     y = 50 * torch.randn(64, 2)  # conditions far outside anything seen in training
     with torch.no_grad():
         bounded = _wild(BUILDERS[name], 30.0).sample(20, y)
         raw = _wild(BUILDERS[f"{name}-unbounded"], 30.0).sample(20, y)
-    # Each sampling step maps |v| to at most |v| exp(2.5) + 50, whatever the conditioner.
-    z_max = 8.0  # beyond any of these 2,560 standard normal draws per feature
-    bound = z_max
+    # Each sampling step maps |v| to at most (|v| + shift) exp(expansion), whatever its
+    # conditioner sees.
+    bound = 8.0  # beyond any of these 2,560 standard normal draws per feature
     for _ in range(layers):
-        bound = bound * math.exp(AFFINE_MAX_EXPANSION) + AFFINE_MAX_LOC
+        bound = (bound + shift) * math.exp(expansion)
     assert torch.isfinite(bounded).all() and bounded.abs().max() < bound
     assert not (torch.isfinite(raw).all() and raw.abs().max() < bound)  # the libraries' own
 
