@@ -439,3 +439,25 @@ def test_cvae_samples_carry_the_noise_width():
     model.fit(x, y, epochs=40, batch_size=256, lr=3e-3, quiet=True, calibrate=False)
     spread = model.sample(y[:200], n=200, seed=0).std(0).mean()
     assert spread == pytest.approx(0.3, rel=0.25)
+
+
+def test_cvae_beta_nll_weights_each_term_by_its_variance_and_temperature_scales_the_noise():
+    from flowrecon.models.cvae import build_cvae
+
+    torch.manual_seed(0)
+    vae = build_cvae(3, 2, hidden_dim=8, num_layers=1, latent_dim=2, nll_beta=0.5)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    with torch.no_grad():
+        vae.decoder[-1].weight.zero_()
+        vae.decoder[-1].bias.zero_()
+        v = math.log(4.0)  # variance 4, weight 4^0.5 = 2; the raw output is soft-clamped
+        vae.decoder[-1].bias[3:] = v / (1 - v / 10.0)
+        parts = vae.loss(x, y)
+    nll = -torch.distributions.Normal(0.0, 2.0).log_prob(x).sum(-1).mean()
+    torch.testing.assert_close(parts["recon"], 2.0 * nll)
+    with torch.no_grad():  # the decoder's noise is what the temperature scales
+        wide, narrow = (vae.sample(4000, y[:1], temperature=t) for t in (1.0, 0.5))
+    assert float(wide.std()) == pytest.approx(2.0, rel=0.05)
+    assert float(narrow.std()) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="nll_beta must be in"):
+        build_cvae(3, 2, nll_beta=2.0)
