@@ -174,6 +174,10 @@ class Whitening:
         mean = x64.mean(0)
         xc = x64 - mean
         cov = xc.T @ xc / max(x64.shape[0] - 1, 1)
+        if not torch.isfinite(cov).all():  # eigh would fail to converge, with no hint why
+            raise ValueError(
+                "x has values too large (or not finite) to whiten: its covariance overflows"
+            )
         var, vec = torch.linalg.eigh(cov)  # ascending
         var, vec = var.flip(0), vec.flip(1)
         top = var[0].item()

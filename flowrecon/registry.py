@@ -224,7 +224,8 @@ PRESETS: dict[str, Preset] = {
         model="cvae",
         description=(
             "cVAE of the seed decks: latent 1024, encoder widths [256, 512, 1024] (decoder "
-            "mirrored), ReLU, beta 1, latent drawn from the training-set latent statistics"
+            "mirrored), ReLU, beta 1, latent drawn from the training-set latent statistics, "
+            "deterministic decoder trained on the squared error"
         ),
         hparams={
             "hidden_dim": 256,
@@ -233,6 +234,7 @@ PRESETS: dict[str, Preset] = {
             "activation": "relu",
             "beta": 1.0,
             "latent_sampling": "train_stats",
+            "decoder": "deterministic",
         },
         # Typical seed-deck settings. The L1/L2 weights multiply sums over *all* parameters
         # (about 4.5 M here): with PyTorch's default initialisation they start near 0.08

@@ -147,6 +147,73 @@ def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+#: Option -> (allowed range in words, check). The library and the command line accept the
+#: same ranges: both call `check_training_options`.
+_OPTION_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "lr": ("a finite number > 0", lambda v: _is_real(v) and math.isfinite(v) and v > 0),
+    "weight_decay": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "patience": ("None or an integer >= 0", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "min_delta": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "clip_grad": (
+        "None or a finite number >= 0",
+        lambda v: v is None or (_is_real(v) and 0 <= v < math.inf),
+    ),
+    "l1": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "l2": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "physics_samples": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "max_minutes": (
+        "None or a finite number > 0",
+        lambda v: v is None or (_is_real(v) and 0 < v < math.inf),
+    ),
+    "lr_schedule": (f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES),
+    "quiet": ("true or false", lambda v: isinstance(v, bool | np.bool_)),
+    "physics_loss": ("None or a callable", lambda v: v is None or callable(v)),
+}
+
+
+def check_training_options(options: Mapping[str, Any]) -> None:
+    """Raises a one-line ValueError for the first option of `train` outside its range.
+
+    Unknown names are left to the caller (``ConditionalGenerator.fit`` names them with a
+    suggestion). Physics weights must be finite and >= 0.
+
+    Example:
+        >>> check_training_options({"epochs": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs must be an integer >= 1, got 0
+        >>> check_training_options({"physics_weights": {"energy_diff2": -1}})
+        Traceback (most recent call last):
+        ...
+        ValueError: physics weight 'energy_diff2' must be a finite number >= 0, got -1
+    """
+    for key, value in options.items():
+        if key in _OPTION_RANGES:
+            allowed, ok = _OPTION_RANGES[key]
+            if not ok(value):
+                raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    weights = options.get("physics_weights")
+    if weights is None:
+        return
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"physics_weights must be a mapping of term -> weight, got {weights!r}")
+    for term, w in weights.items():
+        if not (_is_real(w) and 0 <= w < math.inf):
+            raise ValueError(f"physics weight {term!r} must be a finite number >= 0, got {w!r}")
+
+
 def training_options() -> dict[str, Any]:
     """Keyword options of `train` a user sets (name -> default), e.g. for a CLI or TOML."""
     internal = {"seed", "user_view", "on_checkpoint"}
@@ -197,7 +264,7 @@ def train(
         estimator: The estimator, already on the device of x and y.
         x, y: Training data ``(N, Dx)``, ``(N, Dy)``.
         x_val, y_val: Validation data, or None to monitor the training total.
-        epochs: Maximum number of epochs (0 only builds and runs the end-of-fit hook).
+        epochs: Maximum number of epochs (at least 1).
         batch_size: Rows per optimiser step.
         lr: Adam learning rate.
         weight_decay: Adam's own (L2-style) weight decay, separate from ``l2``.
@@ -211,7 +278,8 @@ def train(
         physics_weights: Term name -> weight; None weighs every term 1. Terms without a
             weight are logged but not minimised.
         physics_samples: Samples per condition drawn for the physics terms.
-        max_minutes: Wall-clock budget; the epoch in progress is cut short and validated.
+        max_minutes: Wall-clock budget (> 0); the epoch in progress is cut short and
+            validated.
         lr_schedule: ``"constant"``; ``"cosine"``, which anneals the learning rate to 1 %
             of ``lr`` over the run (over ``max_minutes`` of wall-clock time when a budget
             is set and it ends before ``epochs``, so a fixed-time run still finishes
@@ -239,15 +307,28 @@ def train(
         )
     if (x_val is None) != (y_val is None):
         raise ValueError("give both x_val and y_val, or neither")
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    if physics_loss is not None and physics_samples < 1:
-        raise ValueError(f"physics_samples must be at least 1, got {physics_samples}")
+    if x.shape[0] < 1:
+        raise ValueError("the training data have no rows")
+    if x_val is not None and x_val.shape[0] < 1:
+        raise ValueError("the validation data have no rows; pass None to monitor the training loss")
+    check_training_options(
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "patience": patience,
+            "min_delta": min_delta,
+            "clip_grad": clip_grad,
+            "l1": l1,
+            "l2": l2,
+            "physics_samples": physics_samples,
+            "physics_weights": physics_weights,
+            "max_minutes": max_minutes,
+            "lr_schedule": lr_schedule,
+        }
+    )
     weights = None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
-        )
 
     params = [p for p in estimator.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -2,8 +2,9 @@
 
 Each trial starts a real ``python -m flowrecon`` process that writes over an existing
 output with ``--overwrite``, interrupts it after a random delay, and then checks: the
-process exited 0 (it finished first) or 130; the output is byte for byte the previous
-one or a new complete one that ``evaluate`` accepts; no staging directory is left. The
+process exited 0 (it finished first), 130, or died of the signal while shutting down
+after its work; the output is byte for byte the previous one or a new complete one that
+``evaluate`` accepts; no staging directory is left. The
 default run makes a few trials per command; ``pytest -m slow`` makes 20 per command and
 signal.
 """
@@ -99,11 +100,14 @@ def _trial(kind: str, args: list[str], out: Path, sig: int, delay: float) -> Non
     time.sleep(delay)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode in (0, 130), (proc.returncode, stderr)
+    # -sig: the signal came while the interpreter was shutting down after the work was
+    # done, when CPython has already put the default handlers back; the output must
+    # still be whole, which the checks below verify.
+    assert proc.returncode in (0, 130, -sig), (proc.returncode, stderr)
     assert "Traceback" not in stderr
     leftovers = [p.name for p in out.parent.iterdir() if ".partial-" in p.name or ".tmp" in p.name]
     assert not leftovers, leftovers
-    if proc.returncode == 130 and _snapshot(out) == before:
+    if proc.returncode != 0 and _snapshot(out) == before:
         return  # interrupted: the previous output, byte for byte
     _check_complete(kind, out)  # a new output (an interrupted fit keeps its best model)
 

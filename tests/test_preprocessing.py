@@ -227,10 +227,19 @@ def test_log_prob_includes_the_preprocessing_log_det() -> None:
     rng = np.random.default_rng(0)
     y = rng.normal(size=(120, 2))
     x = y @ np.ones((2, 3)) + rng.normal(size=(120, 3))
-    a = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(x, y, epochs=0, quiet=True)
+    a = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(x, y, epochs=1, quiet=True)
     b = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(
-        2 * x + 1, y, epochs=0, quiet=True
+        2 * x + 1, y, epochs=1, quiet=True
     )
     np.testing.assert_allclose(
         b.log_prob(2 * x[:5] + 1, y[:5]), a.log_prob(x[:5], y[:5]) - 3 * np.log(2), atol=1e-5
     )
+
+
+def test_whitening_says_why_it_cannot_whiten_huge_values() -> None:
+    from flowrecon.preprocessing import Whitening
+
+    x = torch.randn(20, 3, dtype=torch.float64)
+    x[4, 1] = 1e200  # its square overflows the covariance
+    with pytest.raises(ValueError, match="too large .* to whiten: its covariance overflows"):
+        Whitening().fit(x)
