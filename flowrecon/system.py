@@ -122,6 +122,8 @@ class EvaluationContext:
         progress: Whether progress bars may be shown.
         training_rows: ``training_rows() -> (x, y)`` of the run's training split, read
             when called; None when the run's data file is not available.
+        log_prior: The run's learned log-prior over x (`flowrecon.learned_prior`), or None
+            for a run without one.
     """
 
     model: Any
@@ -134,6 +136,7 @@ class EvaluationContext:
     frame: Any = None
     progress: bool = False
     training_rows: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    log_prior: Callable[[Any], np.ndarray] | None = None
 
 
 def row_split(
@@ -198,7 +201,8 @@ class System:
         physics_loss: ``physics_loss() -> callable`` for `flowrecon.training.train`.
         prior_features: ``prior_features(x) -> (features, log_jacobian)``: coordinates
             in which ``fit`` learns an unconditional prior of x, and log|d features / d x|
-            on the manifold of x the prior is a density on; None learns it in model space.
+            on the manifold of x the prior is a density on (`flowrecon.learned_prior`);
+            None: runs of this system have no learned prior.
         options: The options this System was made with (plain values), kept in
             ``config.json`` so that ``evaluate`` and ``sample`` remake the same System.
         cli_flags: Command-line flags kept as spellings of system options, flag ->

@@ -316,3 +316,31 @@ def test_evaluate_and_sample_flag_events_outside_the_training_conditions(tmp_pat
     assert (flags["min"] == flags["max"]).all()  # one flag an event, on each of its draws
     assert not flags["min"].iloc[10:].any()
     assert (drawn["unresolved"] >= 0).all()
+
+
+def test_fit_learns_a_prior_that_user_data_evaluations_use(tmp_path, run_dir, data):
+    from flowrecon.learned_prior import PRIOR_FILE
+
+    run = load_run(run_dir)
+    assert (run_dir / PRIOR_FILE).is_file() and run.config["prior"]["file"] == PRIOR_FILE
+    x = pd.read_parquet(data)[list(POSITION_COLUMNS)].to_numpy()[:5]
+    assert np.isfinite(run.log_prior(x)).all()
+    ev = evaluate_run(run_dir, samples=4, device="cpu", out=tmp_path / "ev", options={
+        "weights": True, "noise": 0.01})  # fmt: skip
+    assert ev.metrics["weights_prior"] == "learned"  # user data: what the training data say
+    bare = tmp_path / "bare"
+    _fit(bare, data, learned_prior=False)
+    assert not (bare / PRIOR_FILE).exists() and load_run(bare).log_prior is None
+    ev = evaluate_run(bare, samples=4, device="cpu", options={"weights": True, "noise": 0.01})
+    assert ev.metrics["weights_prior"] == "flat"
+    with pytest.raises(ValueError, match="needs a run with a learned prior"):
+        evaluate_run(bare, samples=4, device="cpu", overwrite=True, options={"prior": "learned"})
+
+
+def test_a_damaged_learned_prior_is_one_line(tmp_path, data):
+    out = tmp_path / "run"
+    _fit(out, data)
+    (out / "prior.pt").write_bytes(b"not a prior")
+    with pytest.raises(ValueError, match="prior.pt: not a readable learned prior") as err:
+        load_run(out)
+    assert "\n" not in str(err.value)
