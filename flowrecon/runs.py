@@ -887,6 +887,8 @@ def _evaluate(
     example_draws = np.stack([kept[int(i)] for i in shown], 1) if len(shown) else None
     text, examples_text = _texts(system, evaluator, metrics, example_draws, shown, context)
     events = diagnostics.table(table.rows, system.error_name, system.event_error(post_mean, x))
+    for name, values in getattr(evaluator, "event_columns", dict)().items():
+        events[name] = values
     return EvaluationResult(
         metrics,
         text,
@@ -1064,7 +1066,7 @@ def sample_run(
             )
             xs = np.asarray(drawn.samples)
             extra: dict[str, np.ndarray] = {}
-            if hook_options:
+            if run.system.sampler is not None:
                 context = EvaluationContext(
                     run.model, None, table.y[start:stop], n, seed, run.config,
                     table.rows[start:stop], training_rows=loader, log_prior=log_prior,

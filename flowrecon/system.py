@@ -104,6 +104,8 @@ class Evaluator(Protocol):
 
     # Optional: ``examples_text(examples, shown) -> str`` describes the example events
     # (their draws ``(n, len(shown), Dx)``); without it a generic table is printed.
+    # Optional: ``event_columns() -> {name: (B,) array}`` adds per-event columns to
+    # events.csv (after ``finish``).
 
 
 @dataclass(frozen=True)

@@ -305,7 +305,9 @@ def test_evaluate_and_sample_flag_events_outside_the_training_conditions(tmp_pat
     write_table(mixed, path)
     ev = evaluate_run(run_dir, path, samples=4, device="cpu", out=tmp_path / "ev")
     events = pd.read_csv(tmp_path / "ev" / "events.csv")
-    assert list(events.columns) == ["event", "ade", "in_domain", "redrawn", "unresolved"]
+    assert list(events.columns) == [
+        "event", "ade", "in_domain", "redrawn", "unresolved", "energy_flagged"
+    ]  # fmt: skip
     assert events["event"].tolist() == list(range(20))
     assert not events["in_domain"].iloc[10:].any() and events["in_domain"].iloc[:10].mean() > 0.5
     assert ev.metrics["out_of_domain"] == pytest.approx(1 - events["in_domain"].mean())
@@ -344,3 +346,17 @@ def test_a_damaged_learned_prior_is_one_line(tmp_path, data):
     with pytest.raises(ValueError, match="prior.pt: not a readable learned prior") as err:
         load_run(out)
     assert "\n" not in str(err.value)
+
+
+def test_cei_draws_far_from_the_measured_energy_are_flagged():
+    from flowrecon.system import EvaluationContext
+
+    system = make_system("cei", momentum_noise=0.01)
+    table = system.simulate(50, seed=2)
+    x, y = table[list(POSITION_COLUMNS)].to_numpy(), table[list(MOMENTUM_COLUMNS)].to_numpy()
+    context = EvaluationContext(None, None, y, 2, 0, {"data": {"builtin": system.builtin}})
+    draws = np.stack([x, 1.3 * x])  # the truth, and a geometry 30 % too large
+    _, extra = system.sampler(context, draws)
+    assert extra["energy_mismatch"].shape == (2, 50)
+    assert not extra["energy_flag"][0].any()  # within 8 sigma of 1 % noise
+    assert extra["energy_flag"][1].all()  # PE 23 % low: far beyond the noise

@@ -141,9 +141,14 @@ def make_system(
         return CEIEvaluator(context, charges, refine, refine_samples, weights, noise, prior)
 
     def sampler(
-        context: EvaluationContext, samples: np.ndarray, *, refine: bool = False
+        context: EvaluationContext,
+        samples: np.ndarray,
+        *,
+        refine: bool = False,
+        noise: float | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return _refined_samples(samples, context.y, charges) if refine else (samples, {})
+        samples, extra = _refined_samples(samples, context.y, charges) if refine else (samples, {})
+        return samples, {**extra, **_energy_columns(samples, context, charges, noise)}
 
     def physics_loss() -> Any:
         from flowrecon.systems.cei.losses import physics_loss as cei_physics_loss
@@ -198,6 +203,21 @@ def make_system(
     )
 
 
+def _noise(builtin: Mapping[str, Any] | None) -> float | None:
+    return (builtin or {}).get("momentum_noise")
+
+
+def _energy_columns(
+    samples: np.ndarray, context: EvaluationContext, charges: Sequence[float], noise: float | None
+) -> dict[str, np.ndarray]:
+    """``energy_mismatch`` |KE - PE| / KE of each draw and ``energy_flag`` (far beyond noise)."""
+    from flowrecon.systems.cei.physics import energy_difference, energy_flag_threshold
+
+    noise = noise if noise is not None else _noise(_builtin_spec(context.config))
+    mismatch = np.asarray(energy_difference(samples, context.y, tuple(charges)))
+    return {"energy_mismatch": mismatch, "energy_flag": mismatch > energy_flag_threshold(noise)}
+
+
 def _internal_coordinates(x: Any) -> tuple[np.ndarray, np.ndarray]:
     from flowrecon.systems.cei.prior import internal_coordinates
 
@@ -241,6 +261,7 @@ class CEIEvaluator:
         prior: Prior | None,
     ) -> None:
         from flowrecon.systems.cei.metrics import CEIMetrics
+        from flowrecon.systems.cei.physics import energy_flag_threshold
 
         builtin = _builtin_spec(context.config)
         self.prior, self.log_prior = _resolve_prior(prior, builtin, context.log_prior)
@@ -262,9 +283,17 @@ class CEIEvaluator:
         self.weighted = {"hits50": 0.0, "hits90": 0.0, "ess": [], "mean": np.empty((n, 9))}
         self.metrics = CEIMetrics(context.x, context.y, charges=self.charges, coverage=False)
         self.post_mean: np.ndarray | None = None
+        self.energy_threshold = energy_flag_threshold(
+            noise if noise is not None else _noise(builtin)
+        )
+        self.energy_flagged = np.zeros(n)
 
     def update(self, start: int, stop: int, samples: np.ndarray) -> None:
+        from flowrecon.systems.cei.physics import energy_difference
+
         self.metrics.update(start, stop, samples)
+        mismatch = energy_difference(samples, self.context.y[start:stop], self.charges)
+        self.energy_flagged[start:stop] = (mismatch > self.energy_threshold).mean(0)
         self.refine_starts[:, start:stop] = samples[: self.k_refine]
         if self.weights:
             self._weigh(start, stop, samples)
@@ -289,6 +318,9 @@ class CEIEvaluator:
         self.post_mean = posterior_mean
         metrics = self.metrics.finish(resim_max_events=20_000, seed=ctx.seed)
         metrics.pop("nll", None)  # the generic evaluation reports nll
+        metrics["energy_flagged_samples"] = float(self.energy_flagged.mean())
+        metrics["energy_flagged_events"] = float((self.energy_flagged > 0.5).mean())
+        metrics["energy_flag_threshold"] = self.energy_threshold
         if self.refine:
             metrics.update(
                 _refined_metrics(
@@ -311,6 +343,10 @@ class CEIEvaluator:
                 }
             )
         return metrics
+
+    def event_columns(self) -> dict[str, np.ndarray]:
+        """Per-event columns of events.csv: the fraction of draws energy-flagged."""
+        return {"energy_flagged": self.energy_flagged}
 
     def figures(
         self, out: Path, shown: Sequence[int], examples: np.ndarray | None
