@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -732,6 +733,31 @@ def _events_to_evaluate(run: Run, data, drop_invalid: bool) -> tuple[Table, str]
     return _subset(table, np.flatnonzero(~used)), what
 
 
+def _representable_rows(model: Any, table: Table, drop_invalid: bool, data: Any) -> Table:
+    """The rows whose conditions the model can represent; the others dropped and counted
+    with ``drop_invalid``, else a one-line error naming their data rows."""
+    ok = np.asarray(model.representable(table.y), dtype=bool)
+    if ok.all():
+        return table
+    bad = table.rows[~ok]
+    if not drop_invalid:
+        first = ", ".join(str(int(r)) for r in bad[:3])
+        some = (
+            f"1 row (data row {first}) has"
+            if len(bad) == 1
+            else (f"{len(bad)} rows (data rows {first}{', ...' if len(bad) > 3 else ''}) have")
+        )
+        raise ValueError(
+            f"{data}: {some} conditions beyond what the model can represent (over 1e6 times the "
+            "training range, or overflowing); remove them or pass --drop-invalid"
+        )
+    if not ok.any():
+        raise ValueError(f"{data}: no row has conditions the model can represent")
+    log.warning("dropped %d rows the model cannot represent (data rows %s)", len(bad), bad[:5])
+    kept = _subset(table, np.flatnonzero(ok))
+    return dataclasses.replace(kept, n_dropped=table.n_dropped + len(bad))
+
+
 def _subset(table: Table, idx: np.ndarray) -> Table:
     return Table(
         table.frame.iloc[idx].reset_index(drop=True),
@@ -794,6 +820,10 @@ def evaluate_run(
     inputs = [data, run.directory / "model.pt", run.directory / "config.json"]
     check_output_dir(out, kind="evaluation", overwrite=overwrite, inputs=inputs)
     table, what = _events_to_evaluate(run, data, drop_invalid)
+    n_before = len(table.y)
+    table = _representable_rows(run.model, table, drop_invalid, data or "the run's data")
+    if len(table.y) < n_before:
+        what += f" ({n_before - len(table.y)} rows beyond the model's range dropped)"
     if max_events is not None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, got {max_events}")
@@ -1055,6 +1085,7 @@ def sample_run(
     inputs = [data, *(run.directory / f for f in ("model.pt", "config.json", "split.npz"))]
     out = check_output_file(out, overwrite=overwrite, inputs=inputs)
     table = read_system_table(run.system, data, require_x=False, drop_invalid=drop_invalid)
+    table = _representable_rows(run.model, table, drop_invalid, data)
     x_cols = list(run.system.x_columns)
     loader, log_prior = training_rows(run), run.log_prior
     rows = 0

@@ -360,3 +360,19 @@ def test_cei_draws_far_from_the_measured_energy_are_flagged():
     assert extra["energy_mismatch"].shape == (2, 50)
     assert not extra["energy_flag"][0].any()  # within 8 sigma of 1 % noise
     assert extra["energy_flag"][1].all()  # PE 23 % low: far beyond the noise
+
+
+def test_conditions_beyond_the_model_are_refused_or_dropped_by_data_row(tmp_path, run_dir, data):
+    table = pd.read_parquet(data).head(12)
+    table.loc[5, "pcx"] = 1e300
+    path = tmp_path / "huge.csv"
+    write_table(table, path)
+    with pytest.raises(ValueError, match=r"1 row \(data row 5\) has conditions beyond"):
+        sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu")
+    sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu", drop_invalid=True)
+    events = pd.read_csv(tmp_path / "s.csv")["event"].unique().tolist()
+    assert events == [0, 1, 2, 3, 4, *range(6, 12)] and not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match="data row 5"):
+        evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e")
+    ev = evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e", drop_invalid=True)
+    assert "1 rows beyond the model's range dropped" in ev.events
