@@ -263,13 +263,13 @@ def cases(tmp: Path) -> list[Case]:
             exit0,
             "a momentum of 1e300 in sample",
             ["sample", "--run", "R", "--data", "huge.csv", "--out", "s_huge.csv"],
-            words=("data row 3", "--drop-invalid"),
+            words=("data row 4 (event 3)", "--drop-invalid"),
         ),
         Case(
             exit0,
             "a momentum of 1e300 in evaluate",
             ["evaluate", "--run", "R", "--data", "huge.csv", "--out", "ev_huge"],
-            words=("data row 3",),
+            words=("data row 4 (event 3)",),
         ),  # fmt: skip
         Case(
             exit0,

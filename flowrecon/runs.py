@@ -741,19 +741,24 @@ def _representable_rows(model: Any, table: Table, drop_invalid: bool, data: Any)
         return table
     bad = table.rows[~ok]
     if not drop_invalid:
-        first = ", ".join(str(int(r)) for r in bad[:3])
+        # 1-based data rows, as every message about a file's rows (flowrecon.data), and
+        # the event id (0-based) that sample and evaluate outputs would give them.
+        named = ", ".join(f"{int(r) + 1} (event {int(r)})" for r in bad[:3])
+        more = ", ..." if len(bad) > 3 else ""
         some = (
-            f"1 row (data row {first}) has"
+            f"1 row (data row {named}) has"
             if len(bad) == 1
-            else (f"{len(bad)} rows (data rows {first}{', ...' if len(bad) > 3 else ''}) have")
+            else (f"{len(bad)} rows (data rows {named}{more}) have")
         )
         raise ValueError(
-            f"{data}: {some} conditions beyond what the model can represent (over 1e6 times the "
-            "training range, or overflowing); remove them or pass --drop-invalid"
+            f"{data}: {some} conditions beyond what the model can represent (over 1e6 "
+            "times the training range, or overflowing); remove them or pass --drop-invalid"
         )
     if not ok.any():
         raise ValueError(f"{data}: no row has conditions the model can represent")
-    log.warning("dropped %d rows the model cannot represent (data rows %s)", len(bad), bad[:5])
+    log.warning(
+        "dropped %d rows the model cannot represent (events %s)", len(bad), bad[:5].tolist()
+    )
     kept = _subset(table, np.flatnonzero(ok))
     return dataclasses.replace(kept, n_dropped=table.n_dropped + len(bad))
 

@@ -367,12 +367,12 @@ def test_conditions_beyond_the_model_are_refused_or_dropped_by_data_row(tmp_path
     table.loc[5, "pcx"] = 1e300
     path = tmp_path / "huge.csv"
     write_table(table, path)
-    with pytest.raises(ValueError, match=r"1 row \(data row 5\) has conditions beyond"):
+    with pytest.raises(ValueError, match=r"1 row \(data row 6 \(event 5\)\) has conditions"):
         sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu")
     sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu", drop_invalid=True)
     events = pd.read_csv(tmp_path / "s.csv")["event"].unique().tolist()
     assert events == [0, 1, 2, 3, 4, *range(6, 12)] and not (tmp_path / "e").exists()
-    with pytest.raises(ValueError, match="data row 5"):
+    with pytest.raises(ValueError, match=r"data row 6 \(event 5\)"):
         evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e")
     ev = evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e", drop_invalid=True)
     assert "1 rows beyond the model's range dropped" in ev.events
