@@ -340,7 +340,7 @@ def cases(tmp: Path) -> list[Case]:
             trace,
             "an output under a file",
             ["sample", "--run", "R", "--data", "data.csv", "--out", "data.csv/s.csv"],
-            words=("data.csv",),
+            words=("is a file, not a folder",),
         ),  # fmt: skip
         Case(
             trace,

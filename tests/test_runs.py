@@ -164,6 +164,9 @@ def test_cli_refuses_to_overwrite_files(tmp_path):
     forced = ["simulate", "--n", "7", "--out", str(out), "--overwrite", "--quiet"]
     assert runner.invoke(main, forced).exit_code == 0
     assert len(pd.read_csv(out)) == 7
+    under = runner.invoke(main, ["simulate", "--n", "5", "--out", str(out / "x.csv")])
+    assert under.exit_code == 1 and "is a file, not a folder to write in" in under.output
+    assert under.output.count("\n") == 1
 
 
 def test_a_folder_of_user_files_is_never_replaced(tmp_path, data):
