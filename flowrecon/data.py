@@ -51,6 +51,8 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz", ".parquet", ".pq")
 
 # How many offending row numbers a message quotes, and how many a ReadReport keeps.
 _ROWS_IN_MESSAGE = 3
+#: Largest finite float32: the networks compute in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _ROWS_IN_REPORT = 10
 _COLUMNS_IN_MESSAGE = 12
 
@@ -111,8 +113,9 @@ def read_table(
     Args:
         path: The file; its suffix chooses the format.
         required: Columns that must exist and hold finite numbers.
-        drop_invalid: Remove rows with a non-numeric, empty, NaN or infinite value in a
-            checked column instead of raising; the count is logged and kept in the report.
+        drop_invalid: Remove rows with a non-numeric, empty, NaN, infinite or
+            float32-overflowing value in a checked column instead of raising; the count is
+            logged and kept in the report.
         optional: Columns checked like ``required`` when present, ignored when absent.
 
     Returns:
@@ -406,10 +409,13 @@ def _check_numeric(
         values, non_numeric, example = _to_float64(frame[column])
         nan = np.isnan(values) & ~non_numeric
         inf = np.isinf(values)
+        # The networks compute in float32: a finite value beyond its range is infinite there.
+        huge = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
         for mask, what in (
             (non_numeric, "non-numeric value"),
             (nan, "empty or NaN value"),
             (inf, "infinite value"),
+            (huge, "float32-overflowing value"),  # |x| > 3.4e38
         ):
             if mask.any():
                 detail = f" (e.g. {example})" if mask is non_numeric else ""
@@ -433,8 +439,8 @@ def _check_numeric(
 
     dropped = np.flatnonzero(invalid)
     logger.warning(
-        "%s: dropped %d of %d rows with non-numeric, empty, NaN or infinite values in "
-        "required columns%s",
+        "%s: dropped %d of %d rows with non-numeric, empty, NaN, infinite or out-of-range "
+        "values in required columns%s",
         source,
         len(dropped),
         n_rows,

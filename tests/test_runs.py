@@ -367,7 +367,7 @@ def test_cei_draws_far_from_the_measured_energy_are_flagged():
 
 def test_conditions_beyond_the_model_are_refused_or_dropped_by_data_row(tmp_path, run_dir, data):
     table = pd.read_parquet(data).head(12)
-    table.loc[5, "pcx"] = 1e300
+    table.loc[5, "pcx"] = 1e30  # a float32, but far beyond anything the model saw
     path = tmp_path / "huge.csv"
     write_table(table, path)
     with pytest.raises(ValueError, match=r"1 row \(data row 6 \(event 5\)\) has conditions"):
@@ -379,3 +379,14 @@ def test_conditions_beyond_the_model_are_refused_or_dropped_by_data_row(tmp_path
         evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e")
     ev = evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e", drop_invalid=True)
     assert "1 rows beyond the model's range dropped" in ev.events
+
+
+def test_values_beyond_float32_are_invalid_values_of_the_file(tmp_path, run_dir, data):
+    table = pd.read_parquet(data).head(12)
+    table.loc[5, "pcx"] = 1e300
+    path = tmp_path / "huge.csv"
+    write_table(table, path)
+    with pytest.raises(ValueError, match="huge.csv: column 'pcx' has 1 float32-overflowing value"):
+        fit_run("maf", tmp_path / "r", data=path)
+    sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu", drop_invalid=True)
+    assert 5 not in pd.read_csv(tmp_path / "s.csv")["event"].tolist()
