@@ -102,6 +102,7 @@ def read_table(
     *,
     drop_invalid: bool = False,
     optional: Sequence[str] = (),
+    max_abs: float | None = None,
 ) -> tuple[pd.DataFrame, ReadReport]:
     """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) table.
 
@@ -113,10 +114,12 @@ def read_table(
     Args:
         path: The file; its suffix chooses the format.
         required: Columns that must exist and hold finite numbers.
-        drop_invalid: Remove rows with a non-numeric, empty, NaN, infinite or
-            float32-overflowing value in a checked column instead of raising; the count is
-            logged and kept in the report.
+        drop_invalid: Remove rows with a non-numeric, empty, NaN, infinite (or beyond
+            ``max_abs``) value in a checked column instead of raising; the count is logged
+            and kept in the report.
         optional: Columns checked like ``required`` when present, ignored when absent.
+        max_abs: Finite values beyond this magnitude are invalid too, e.g. `FLOAT32_MAX`
+            for data a float32 network will see.
 
     Returns:
         The table and a :class:`ReadReport`.
@@ -149,7 +152,7 @@ def read_table(
     if missing:
         raise DataError(_missing_message(source, missing, list(frame.columns)))
     checked = required + [c for c in dict.fromkeys(optional) if c in frame and c not in required]
-    frame, dropped = _check_numeric(frame, checked, source, drop_invalid)
+    frame, dropped = _check_numeric(frame, checked, source, drop_invalid, max_abs)
     report = ReadReport(
         path=file,
         n_rows_read=n_read,
@@ -395,7 +398,11 @@ def _read_parquet(file: Path, source: str) -> pd.DataFrame:
 
 
 def _check_numeric(
-    frame: pd.DataFrame, columns: Sequence[str], source: str, drop_invalid: bool
+    frame: pd.DataFrame,
+    columns: Sequence[str],
+    source: str,
+    drop_invalid: bool,
+    max_abs: float | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Convert ``columns`` to float64; raise on bad values, or drop their rows.
 
@@ -409,13 +416,12 @@ def _check_numeric(
         values, non_numeric, example = _to_float64(frame[column])
         nan = np.isnan(values) & ~non_numeric
         inf = np.isinf(values)
-        # The networks compute in float32: a finite value beyond its range is infinite there.
-        huge = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+        huge = np.isfinite(values) & (np.abs(values) > (math.inf if max_abs is None else max_abs))
         for mask, what in (
             (non_numeric, "non-numeric value"),
             (nan, "empty or NaN value"),
             (inf, "infinite value"),
-            (huge, "float32-overflowing value"),  # |x| > 3.4e38
+            (huge, f"value beyond {max_abs or math.inf:.3g} in magnitude"),
         ):
             if mask.any():
                 detail = f" (e.g. {example})" if mask is non_numeric else ""

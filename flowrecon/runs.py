@@ -173,13 +173,17 @@ def read_system_table(
     With ``require_x=False`` (sampling) the target columns may be absent, but a file with
     only some of them is refused: half a target is more likely a broken file.
     """
-    from flowrecon.data import DataError, read_table
+    from flowrecon.data import FLOAT32_MAX, DataError, read_table
 
     x_cols, y_cols = list(system.x_columns), list(system.y_columns)
     if require_x:
-        frame, report = read_table(path, x_cols + y_cols, drop_invalid=drop_invalid)
+        frame, report = read_table(
+            path, x_cols + y_cols, drop_invalid=drop_invalid, max_abs=FLOAT32_MAX
+        )
     else:
-        frame, report = read_table(path, y_cols, drop_invalid=drop_invalid, optional=x_cols)
+        frame, report = read_table(
+            path, y_cols, drop_invalid=drop_invalid, optional=x_cols, max_abs=FLOAT32_MAX
+        )
         present = [c for c in x_cols if c in frame.columns]
         if 0 < len(present) < len(x_cols):
             absent = ", ".join(repr(c) for c in x_cols if c not in frame.columns)

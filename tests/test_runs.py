@@ -386,7 +386,7 @@ def test_values_beyond_float32_are_invalid_values_of_the_file(tmp_path, run_dir,
     table.loc[5, "pcx"] = 1e300
     path = tmp_path / "huge.csv"
     write_table(table, path)
-    with pytest.raises(ValueError, match="huge.csv: column 'pcx' has 1 float32-overflowing value"):
+    with pytest.raises(ValueError, match=r"huge.csv: column 'pcx' has 1 value beyond 3.4e\+38"):
         fit_run("maf", tmp_path / "r", data=path)
     sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu", drop_invalid=True)
     assert 5 not in pd.read_csv(tmp_path / "s.csv")["event"].tolist()
