@@ -328,193 +328,293 @@ def train(
             "lr_schedule": lr_schedule,
         }
     )
-    weights = None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
-
-    params = [p for p in estimator.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    plateau = None
-    if lr_schedule == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.5, patience=max(2, (patience or 8) // 4)
-        )
-    generator = torch.Generator(device=x.device)
-    generator.manual_seed(int(seed))
-    n = x.shape[0]
-
-    def view(xs: Tensor, idx: Tensor, split: str) -> tuple[Tensor, Tensor, Tensor]:
-        if user_view is not None:
-            return user_view(xs, idx, split)
-        xx, yy = (x, y) if split == "train" else (x_val, y_val)
-        assert xx is not None and yy is not None
-        return xs, xx[idx], yy[idx]
-
-    def objective(xb: Tensor, yb: Tensor, idx: Tensor, split: str) -> dict[str, Tensor]:
-        parts = dict(estimator.loss(xb, yb))
-        total = parts["loss"]
-        if physics_loss is not None:
-            xs = estimator.sample(physics_samples, yb)
-            if split == "train" and not xs.requires_grad:
-                raise ValueError(
-                    f"physics terms need differentiable samples, but {type(estimator).__name__}"
-                    ".sample returns tensors without gradient"
-                )
-            terms = dict(physics_loss(*view(xs, idx, split)))
-            if weights is not None and (unknown := set(weights) - set(terms)):
-                raise ValueError(
-                    f"physics_weights name unknown terms {sorted(unknown)}; the physics loss "
-                    f"returns {sorted(terms)}"
-                )
-            physics = sum(
-                (
-                    terms[k].to(total.dtype) * (1.0 if weights is None else weights.get(k, 0.0))
-                    for k in terms
-                ),
-                start=total.new_zeros(()),
-            )
-            parts.update({k: v.detach() for k, v in terms.items()})
-            parts["physics"] = physics
-            total = total + physics
-        if l1:
-            parts["l1"] = l1 * sum(p.abs().sum() for p in params)
-            total = total + parts["l1"]
-        if l2:
-            parts["l2"] = l2 * sum(p.square().sum() for p in params)
-            total = total + parts["l2"]
-        parts["total"] = total
-        return parts
-
-    def accumulate(sums: dict[str, Tensor], parts: Mapping[str, Tensor], rows: int) -> None:
-        for key, value in parts.items():
-            v = value.detach() * rows
-            sums[key] = sums[key] + v if key in sums else v
-
-    def non_finite(where: str, parts: Mapping[str, Tensor]) -> str:
-        shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
-        return (
-            f"training stopped at {where}: the loss is not finite ({shown}). Kept the best "
-            f"state, from epoch {history.best_epoch}. Try a lower learning rate (lr={lr:g}), "
-            "a smaller clip_grad, or check the data for outliers."
-        )
-
-    @torch.no_grad()
-    def validate() -> tuple[dict[str, Tensor], int]:
-        assert x_val is not None and y_val is not None
-        estimator.eval()
-        sums: dict[str, Tensor] = {}
-        for start in range(0, x_val.shape[0], batch_size):
-            idx = torch.arange(start, min(start + batch_size, x_val.shape[0]), device=x_val.device)
-            parts = objective(x_val[idx], y_val[idx], idx, "val")
-            accumulate(sums, parts, len(idx))
-        return sums, x_val.shape[0]
-
-    history = History()
-    best_state = _snapshot(estimator)  # the initial state is the fallback "good" state
-    wait = 0
-    t0 = time.monotonic()
-    deadline = None if max_minutes is None else t0 + 60.0 * max_minutes
-    n_batches = math.ceil(n / batch_size)
-
-    def cosine_lr(epoch: int, batch: int) -> float:
-        done = (epoch - 1 + batch / n_batches) / max(epochs, 1)
-        if deadline is not None:
-            done = max(done, (time.monotonic() - t0) / (deadline - t0))
-        return lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
-
-    bar = tqdm(
-        range(1, epochs + 1),
-        desc="fit",
-        unit="epoch",
-        disable=quiet or not sys.stderr.isatty(),
-        leave=False,
+    loop = _Loop(
+        estimator, x, y, x_val, y_val,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+        clip_grad=clip_grad, l1=l1, l2=l2, physics_loss=physics_loss,
+        physics_weights=physics_weights, physics_samples=physics_samples,
+        lr_schedule=lr_schedule, seed=seed, user_view=user_view,
+    )  # fmt: skip
+    history = loop.run(
+        epochs, max_minutes, min_delta, quiet, checkpoint_path, on_checkpoint, on_epoch
     )
-    try:
-        for epoch in bar:
-            estimator.train()
-            perm = torch.randperm(n, generator=generator, device=x.device)
-            sums: dict[str, Tensor] = {}
-            rows = 0
-            for b, start in enumerate(range(0, n, batch_size), 1):
-                idx = perm[start : start + batch_size]
-                if lr_schedule == "cosine":
-                    for group in optimizer.param_groups:
-                        group["lr"] = cosine_lr(epoch, b - 1)
-                parts = objective(x[idx], y[idx], idx, "train")
-                total = parts["total"]
-                if not torch.isfinite(total):
-                    history.stopped, history.message = (
-                        "non_finite",
-                        non_finite(f"epoch {epoch}, batch {b}", parts),
-                    )
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
-                if not torch.isfinite(norm):
-                    history.stopped = "non_finite"
-                    history.message = non_finite(
-                        f"epoch {epoch}, batch {b} (gradient norm {float(norm)})", parts
-                    )
-                    break
-                optimizer.step()
-                accumulate(sums, parts, len(idx))
-                rows += len(idx)
-                if deadline is not None and time.monotonic() > deadline:
-                    history.stopped = "max_minutes"
-                    break
-            if history.stopped == "non_finite":
-                break
-            _append(history.train, sums, rows)
-            history.lr.append(optimizer.param_groups[0]["lr"])
-            monitored = history.train["total"][-1]
-            if x_val is not None:
-                vsums, vrows = validate()
-                _append(history.val, vsums, vrows)
-                monitored = history.val["total"][-1]
-                if not math.isfinite(monitored):
-                    history.stopped = "non_finite"
-                    history.message = non_finite(
-                        f"epoch {epoch} (validation)", {k: v / vrows for k, v in vsums.items()}
-                    )
-                    break
-            if plateau is not None:
-                plateau.step(monitored)
-            if monitored < history.best - min_delta:
-                history.best, history.best_epoch, wait = monitored, epoch, 0
-                best_state = _snapshot(estimator)
-                if checkpoint_path is not None:
-                    _save_atomic({"epoch": epoch, "state_dict": best_state}, checkpoint_path)
-                if on_checkpoint is not None:
-                    on_checkpoint(epoch)
-            else:
-                wait += 1
-            bar.set_postfix(
-                train=f"{history.train['total'][-1]:.4g}",
-                val=f"{history.val['total'][-1]:.4g}" if history.val else "-",
-            )
-            if on_epoch is not None:
-                on_epoch(
-                    epoch,
-                    {k: v[-1] for k, v in history.train.items()},
-                    {k: v[-1] for k, v in history.val.items()},
-                )
-            if history.stopped == "max_minutes":
-                break
-            if patience and wait >= patience:
-                history.stopped = "early_stopping"
-                break
-    except KeyboardInterrupt:
-        history.stopped = "interrupted"
-        history.message = (
-            f"training interrupted; kept the best state, from epoch {history.best_epoch}"
-        )
-    finally:
-        bar.close()
-        estimator.load_state_dict(best_state)
-        estimator.eval()
-        history.seconds = time.monotonic() - t0
     if history.stopped == "non_finite":
         warnings.warn(history.message, RuntimeWarning, stacklevel=2)
     hook = getattr(estimator, "on_fit_end", None)
     if callable(hook):
         hook(x, y)
     return history
+
+
+class _Loop:
+    """The state of one `train` call: optimiser, schedule, batches, best state, history."""
+
+    def __init__(
+        self,
+        estimator: Estimator,
+        x: Tensor,
+        y: Tensor,
+        x_val: Tensor | None,
+        y_val: Tensor | None,
+        *,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+        patience: int | None,
+        clip_grad: float | None,
+        l1: float,
+        l2: float,
+        physics_loss: PhysicsLoss | None,
+        physics_weights: Mapping[str, float] | None,
+        physics_samples: int,
+        lr_schedule: str,
+        seed: int,
+        user_view: UserView | None,
+    ) -> None:
+        self.estimator, self.x, self.y, self.x_val, self.y_val = estimator, x, y, x_val, y_val
+        self.batch_size, self.lr, self.patience, self.clip_grad = (
+            batch_size,
+            lr,
+            patience,
+            clip_grad,
+        )
+        self.l1, self.l2, self.lr_schedule, self.user_view = l1, l2, lr_schedule, user_view
+        self.physics_loss, self.physics_samples = physics_loss, physics_samples
+        self.weights = (
+            None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
+        )
+        self.params = [p for p in estimator.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
+        self.plateau = None
+        if lr_schedule == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=0.5, patience=max(2, (patience or 8) // 4)
+            )
+        self.generator = torch.Generator(device=x.device)
+        self.generator.manual_seed(int(seed))
+        self.n = x.shape[0]
+        self.n_batches = math.ceil(self.n / batch_size)
+        self.history = History()
+        self.best_state = _snapshot(estimator)  # the initial state is the fallback "good" state
+        self.wait = 0
+        self.epochs = 1
+        self.t0 = time.monotonic()
+        self.deadline: float | None = None
+
+    # -- the loss ---------------------------------------------------------------------
+
+    def view(self, xs: Tensor, idx: Tensor, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        if self.user_view is not None:
+            return self.user_view(xs, idx, split)
+        xx, yy = (self.x, self.y) if split == "train" else (self.x_val, self.y_val)
+        assert xx is not None and yy is not None
+        return xs, xx[idx], yy[idx]
+
+    def objective(self, xb: Tensor, yb: Tensor, idx: Tensor, split: str) -> dict[str, Tensor]:
+        parts = dict(self.estimator.loss(xb, yb))
+        total = parts["loss"]
+        if self.physics_loss is not None:
+            physics = self._physics(parts, yb, idx, split, total)
+            parts["physics"] = physics
+            total = total + physics
+        if self.l1:
+            parts["l1"] = self.l1 * sum(p.abs().sum() for p in self.params)
+            total = total + parts["l1"]
+        if self.l2:
+            parts["l2"] = self.l2 * sum(p.square().sum() for p in self.params)
+            total = total + parts["l2"]
+        parts["total"] = total
+        return parts
+
+    def _physics(
+        self, parts: dict[str, Tensor], yb: Tensor, idx: Tensor, split: str, total: Tensor
+    ) -> Tensor:
+        """The weighted physics terms of samples drawn for ``yb``; logs each term."""
+        assert self.physics_loss is not None
+        xs = self.estimator.sample(self.physics_samples, yb)
+        if split == "train" and not xs.requires_grad:
+            raise ValueError(
+                f"physics terms need differentiable samples, but {type(self.estimator).__name__}"
+                ".sample returns tensors without gradient"
+            )
+        terms = dict(self.physics_loss(*self.view(xs, idx, split)))
+        weights = self.weights
+        if weights is not None and (unknown := set(weights) - set(terms)):
+            raise ValueError(
+                f"physics_weights name unknown terms {sorted(unknown)}; the physics loss "
+                f"returns {sorted(terms)}"
+            )
+        physics = sum(
+            (
+                terms[k].to(total.dtype) * (1.0 if weights is None else weights.get(k, 0.0))
+                for k in terms
+            ),
+            start=total.new_zeros(()),
+        )
+        parts.update({k: v.detach() for k, v in terms.items()})
+        return physics
+
+    @staticmethod
+    def accumulate(sums: dict[str, Tensor], parts: Mapping[str, Tensor], rows: int) -> None:
+        for key, value in parts.items():
+            v = value.detach() * rows
+            sums[key] = sums[key] + v if key in sums else v
+
+    def non_finite(self, where: str, parts: Mapping[str, Tensor]) -> str:
+        shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
+        return (
+            f"training stopped at {where}: the loss is not finite ({shown}). Kept the best "
+            f"state, from epoch {self.history.best_epoch}. Try a lower learning rate "
+            f"(lr={self.lr:g}), a smaller clip_grad, or check the data for outliers."
+        )
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, Tensor], int]:
+        x_val, y_val = self.x_val, self.y_val
+        assert x_val is not None and y_val is not None
+        self.estimator.eval()
+        sums: dict[str, Tensor] = {}
+        for start in range(0, x_val.shape[0], self.batch_size):
+            stop = min(start + self.batch_size, x_val.shape[0])
+            idx = torch.arange(start, stop, device=x_val.device)
+            parts = self.objective(x_val[idx], y_val[idx], idx, "val")
+            self.accumulate(sums, parts, len(idx))
+        return sums, x_val.shape[0]
+
+    def cosine_lr(self, epoch: int, batch: int) -> float:
+        done = (epoch - 1 + batch / self.n_batches) / max(self.epochs, 1)
+        if self.deadline is not None:
+            done = max(done, (time.monotonic() - self.t0) / (self.deadline - self.t0))
+        return self.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0))))
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(
+        self,
+        epochs: int,
+        max_minutes: float | None,
+        min_delta: float,
+        quiet: bool,
+        checkpoint_path: str | os.PathLike | None,
+        on_checkpoint: Callable[[int], None] | None,
+        on_epoch: EpochCallback | None,
+    ) -> History:
+        """Epochs until done, early stopping, the deadline, a non-finite loss or Ctrl-C;
+        restores the best state."""
+        history = self.history
+        self.epochs, self.t0 = epochs, time.monotonic()
+        self.deadline = None if max_minutes is None else self.t0 + 60.0 * max_minutes
+        bar = tqdm(
+            range(1, epochs + 1),
+            desc="fit",
+            unit="epoch",
+            disable=quiet or not sys.stderr.isatty(),
+            leave=False,
+        )
+        try:
+            for epoch in bar:
+                sums, rows = self.train_epoch(epoch)
+                if history.stopped == "non_finite" or not self.end_epoch(
+                    epoch, sums, rows, min_delta, checkpoint_path, on_checkpoint
+                ):
+                    break
+                bar.set_postfix(
+                    train=f"{history.train['total'][-1]:.4g}",
+                    val=f"{history.val['total'][-1]:.4g}" if history.val else "-",
+                )
+                if on_epoch is not None:
+                    on_epoch(
+                        epoch,
+                        {k: v[-1] for k, v in history.train.items()},
+                        {k: v[-1] for k, v in history.val.items()},
+                    )
+                if history.stopped == "max_minutes":
+                    break
+                if self.patience and self.wait >= self.patience:
+                    history.stopped = "early_stopping"
+                    break
+        except KeyboardInterrupt:
+            history.stopped = "interrupted"
+            history.message = (
+                f"training interrupted; kept the best state, from epoch {history.best_epoch}"
+            )
+        finally:
+            bar.close()
+            self.estimator.load_state_dict(self.best_state)
+            self.estimator.eval()
+            history.seconds = time.monotonic() - self.t0
+        return history
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, Tensor], int]:
+        """One pass over a fresh permutation; sets ``history.stopped`` on a non-finite
+        loss or gradient, or past the deadline."""
+        history, x, y = self.history, self.x, self.y
+        self.estimator.train()
+        perm = torch.randperm(self.n, generator=self.generator, device=x.device)
+        sums: dict[str, Tensor] = {}
+        rows = 0
+        for b, start in enumerate(range(0, self.n, self.batch_size), 1):
+            idx = perm[start : start + self.batch_size]
+            if self.lr_schedule == "cosine":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cosine_lr(epoch, b - 1)
+            parts = self.objective(x[idx], y[idx], idx, "train")
+            total = parts["total"]
+            if not torch.isfinite(total):
+                history.stopped = "non_finite"
+                history.message = self.non_finite(f"epoch {epoch}, batch {b}", parts)
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            clip = self.clip_grad if self.clip_grad else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            if not torch.isfinite(norm):
+                history.stopped = "non_finite"
+                history.message = self.non_finite(
+                    f"epoch {epoch}, batch {b} (gradient norm {float(norm)})", parts
+                )
+                break
+            self.optimizer.step()
+            self.accumulate(sums, parts, len(idx))
+            rows += len(idx)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                history.stopped = "max_minutes"
+                break
+        return sums, rows
+
+    def end_epoch(
+        self,
+        epoch: int,
+        sums: dict[str, Tensor],
+        rows: int,
+        min_delta: float,
+        checkpoint_path: str | os.PathLike | None,
+        on_checkpoint: Callable[[int], None] | None,
+    ) -> bool:
+        """Logs the epoch, validates, keeps the best state; False stops (non-finite)."""
+        history = self.history
+        _append(history.train, sums, rows)
+        history.lr.append(self.optimizer.param_groups[0]["lr"])
+        monitored = history.train["total"][-1]
+        if self.x_val is not None:
+            vsums, vrows = self.validate()
+            _append(history.val, vsums, vrows)
+            monitored = history.val["total"][-1]
+            if not math.isfinite(monitored):
+                history.stopped = "non_finite"
+                history.message = self.non_finite(
+                    f"epoch {epoch} (validation)", {k: v / vrows for k, v in vsums.items()}
+                )
+                return False
+        if self.plateau is not None:
+            self.plateau.step(monitored)
+        if monitored < history.best - min_delta:
+            history.best, history.best_epoch, self.wait = monitored, epoch, 0
+            self.best_state = _snapshot(self.estimator)
+            if checkpoint_path is not None:
+                _save_atomic({"epoch": epoch, "state_dict": self.best_state}, checkpoint_path)
+            if on_checkpoint is not None:
+                on_checkpoint(epoch)
+        else:
+            self.wait += 1
+        return True
