@@ -229,7 +229,8 @@ def test_sample_writes_event_and_sample_ids(runner, tiny_run, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out)
-    assert list(table.columns) == ["event", "sample", *POSITION_COLUMNS]
+    extra = ["energy_mismatch", "energy_flag", "in_domain", "unresolved"]  # per draw, per event
+    assert list(table.columns) == ["event", "sample", *POSITION_COLUMNS, *extra]
     assert len(table) == 12
     assert table["event"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert table["sample"].tolist() == [0, 1, 2, 3] * 3
@@ -297,7 +298,7 @@ def test_evaluate_refine_and_weights(runner, tiny_run, tmp_path):
     assert "refined_ade" not in metrics  # replaced whole, not merged with the earlier one
     assert 0 <= metrics["weighted_coverage_90"] <= 1
     assert metrics["weights_ess_median"] <= 4  # at most the number of samples
-    assert metrics["weights_prior"] == "flat"  # a user's file: no known geometry prior
+    assert metrics["weights_prior"] == "learned"  # a user's file: what its training data say
     missing = runner.invoke(main, [*args, "--weights", "--quiet", "--overwrite"])
     assert missing.exit_code != 0 and "give --noise" in missing.output
 
