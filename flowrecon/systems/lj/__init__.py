@@ -1,0 +1,1 @@
+"""Lennard-Jones fluid under gravity."""
