@@ -686,7 +686,8 @@ def _produce(
         ran += n
         if bar is not None:
             bar.update(n, "production")
-        conf = mc.positions.double().cpu().numpy()
+        # A copy: on the CPU .numpy() shares memory with the state the next moves change.
+        conf = mc.positions.to("cpu", torch.float64, copy=True).numpy()
         for c, (p, t) in enumerate(zip(positions, thins)):
             if len(p) < samples and ran == (len(p) + 1) * t:
                 p.append(conf[c * per : (c + 1) * per])
