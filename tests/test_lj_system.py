@@ -53,8 +53,10 @@ def test_simulated_table_has_the_documented_columns(small_table):
     np.testing.assert_allclose(t["energy"], potential_energy(conf, t["gamma"].to_numpy()))
     assert ((conf >= 0) & (conf <= 3.0)).all()
     # Rows of one chain are saved at increasing sweeps, a fixed number of sweeps apart.
-    steps = t[t["chain"] == t["chain"].iloc[0]]["step"].to_numpy()
+    first = t[t["chain"] == t["chain"].iloc[0]]
+    steps = first["step"].to_numpy()
     assert (np.diff(steps) > 0).all() and len(set(np.diff(steps))) == 1
+    assert len(first[cols].drop_duplicates()) == len(first)  # saved states, not one state
     report = t.attrs["lj"]["conditions"]
     assert [r["gamma"] for r in report] == [0.2, 1.0]
     assert all(0.3 < r["acceptance"] < 0.5 and r["ess"] > 0 for r in report)
