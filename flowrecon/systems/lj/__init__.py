@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from flowrecon.system import EvaluationContext, System
-from flowrecon.systems.lj import data
+from flowrecon.systems.lj import data, losses
 from flowrecon.systems.lj.evaluation import METRIC_INFO, LJEvaluator, height_rmse
 
 __all__ = ["make_system"]
@@ -155,5 +155,7 @@ def make_system(
         failure_threshold=None,
         metric_info=METRIC_INFO,
         evaluator=evaluator,
+        physics_terms=losses.TERMS,
+        physics_loss=lambda: losses.physics_loss(n, dim, box),
         options=options,
     )

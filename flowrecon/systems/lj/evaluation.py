@@ -67,6 +67,9 @@ __all__ = [
 #: Pair distance below which two particles overlap (sigma).
 OVERLAP_DISTANCE = 0.8
 
+#: Fewest effective samples for which a reweighted mean and its error are reported.
+MIN_ESS = 10.0
+
 #: Units and meanings of the summary metrics (worst condition) and per-condition keys.
 METRIC_INFO: dict[str, MetricInfo] = {
     "height_rmse": MetricInfo(
@@ -249,12 +252,16 @@ def reweighting_metrics(
     energy_mc_se: float,
     *,
     ordered: bool = True,
+    min_ess: float = MIN_ESS,
 ) -> dict[str, Any]:
     """Boltzmann reweighting of draws ``gen`` ``(n, N, D)`` with model log-density log_q.
 
     log w = -U / T - log q, and w = 0 outside the box or (``ordered``) outside the
     chamber of height-sorted configurations. The reweighted mean U/N is compared with
-    the Monte Carlo mean in combined standard errors (``reweighted_z``).
+    the Monte Carlo mean in combined standard errors (``reweighted_z``). Below
+    ``min_ess`` effective samples the weighted mean and its delta-method error mean
+    nothing (a single dominant weight gives an error of zero), so the error and z are
+    reported as NaN.
     """
     n_particles = gen.shape[-2]
     u = potential_energy(gen, gamma)
@@ -264,6 +271,8 @@ def reweighting_metrics(
     log_w = np.full(len(gen), -np.inf)
     log_w[valid] = -u[valid] / temperature - np.asarray(log_q)[valid]
     rw = reweight(log_w, np.where(valid, u / n_particles, 0.0))
+    if rw["ess"] < min_ess:
+        rw["se"] = math.nan
     z = (rw["mean"] - energy_mc) / math.hypot(rw["se"], energy_mc_se)
     return {
         "ess": rw["ess"],
