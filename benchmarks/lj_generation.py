@@ -155,24 +155,43 @@ def fit(run: dict, table: pd.DataFrame, minutes: float, seed: int) -> tuple[obje
     return model, {"system": system, "prepared": prepared, "test": test, **info}
 
 
-def evaluate(model, system, table: pd.DataFrame, rows: np.ndarray, draws: int, seed: int) -> dict:
-    """The system's evaluator on ``rows``, with about ``draws`` draws a condition."""
+def evaluate(
+    model, system, table: pd.DataFrame, rows: np.ndarray, draws: int, seed: int, relax: int
+) -> list[dict]:
+    """The system's evaluator on ``rows`` with about ``draws`` draws a condition.
+
+    The same draws feed one evaluator of the raw draws and, with ``relax`` > 0, one of
+    the draws after ``relax`` Metropolis sweeps.
+    """
     xcols, ycols = list(system.x_columns), list(system.y_columns)
     x, y = table[xcols].to_numpy()[rows], table[ycols].to_numpy()[rows]
     per_condition = pd.Series(1, index=pd.MultiIndex.from_arrays(y.T)).groupby(level=[0, 1]).size()
     n = max(1, math.ceil(draws / per_condition.min()))
     context = EvaluationContext(model, x, y, samples=n, seed=seed, config={})
-    ev = system.evaluator(context, max_per_condition=draws, reweight_samples=min(draws, 5000))
+    options = [{}] + ([{"relax_sweeps": relax}] if relax else [])
+    evaluators = [
+        system.evaluator(
+            context, max_per_condition=draws, reweight_samples=min(draws, 5000), **extra
+        )
+        for extra in options
+    ]
     chunk = max(1, 4096 // n)
     t0 = time.perf_counter()
     for start in range(0, len(x), chunk):
         stop = min(start + chunk, len(x))
-        ev.update(start, stop, model.sample(y[start:stop], n=n, seed=seed + start))
+        draws_ = model.sample(y[start:stop], n=n, seed=seed + start)
+        for ev in evaluators:
+            ev.update(start, stop, draws_)
     sample_seconds = time.perf_counter() - t0
-    metrics = ev.finish(np.zeros_like(x))
-    metrics["sample_seconds"] = sample_seconds
-    metrics["evaluator"] = ev
-    return metrics
+    out = []
+    for ev in evaluators:
+        t0 = time.perf_counter()
+        metrics = ev.finish(np.zeros_like(x))
+        metrics["sample_seconds"] = sample_seconds
+        metrics["finish_seconds"] = time.perf_counter() - t0
+        metrics["evaluator"] = ev
+        out.append(metrics)
+    return out
 
 
 def judge(row: dict, unseen: bool) -> dict:
@@ -196,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget a model")
     parser.add_argument("--draws", type=int, default=5000, help="draws a condition")
+    parser.add_argument(
+        "--ar-draws", type=int, default=1000, help="draws a condition, autoregressive flows"
+    )
+    parser.add_argument(
+        "--relax", type=int, default=0, help="also judge draws after this many MC sweeps"
+    )
     parser.add_argument(
         "--ablation", action="store_true", help="also the first model without the transform"
     )
@@ -226,40 +251,53 @@ def main(argv: list[str] | None = None) -> dict:
         model, info = fit(run, table, args.minutes, args.seed)
         system, prepared = info.pop("system"), info.pop("prepared")
         test = info.pop("test")
-        seen = evaluate(model, system, prepared, test, args.draws, args.seed)
+        draws = args.draws if run["model"] in ONE_PASS else min(args.draws, args.ar_draws)
+        seen = evaluate(model, system, prepared, test, draws, args.seed, args.relax)
         unseen_table = system.prepare(unseen)
         new = evaluate(
-            model, system, unseen_table, np.arange(len(unseen_table)), args.draws, args.seed
+            model,
+            system,
+            unseen_table,
+            np.arange(len(unseen_table)),
+            draws,
+            args.seed,
+            args.relax,
         )
-        if args.figures is not None:
-            label = run["label"].split(" ")[0]
-            seen["evaluator"].figures(args.figures / label, [], None)
-        rows = []
-        for row, is_unseen in [(r, False) for r in seen["conditions"]] + [
-            (r, True) for r in new["conditions"]
-        ]:
-            checks = judge(row, is_unseen)
-            rows.append(
-                {**row, "unseen": is_unseen, "checks": checks, "passed": all(checks.values())}
-            )
-        result = {
-            **run,
-            **info,
-            "conditions": rows,
-            "sample_seconds": seen["sample_seconds"] + new["sample_seconds"],
-        }
-        results.append(result)
-        for r in rows:
-            print(
-                f"  gamma={r['gamma']:g}{' (unseen)' if r['unseen'] else ''}: U/N "
-                f"{r['energy_gen']:.3f} vs {r['energy_mc']:.3f}, rho err "
-                f"{r['density_rel_error_max']:.1%}, overlap {r['overlap_fraction']:.2%}, "
-                f"ESS {r.get('ess', math.nan):.1f} ({r.get('ess_fraction', math.nan):.2%}), "
-                f"z_rew {r.get('reweighted_z', math.nan):+.2f}, h {r['height_gen']:.3f} vs "
-                f"{r['height_mc']:.3f} -> {'PASS' if r['passed'] else 'fail'} "
-                f"{[k for k, v in r['checks'].items() if not v]}",
-                flush=True,
-            )
+        for variant, (seen_m, new_m) in enumerate(zip(seen, new)):
+            suffix = f" + {args.relax} MC sweeps" if variant else ""
+            if args.figures is not None:
+                label = run["label"].split(" ")[0] + ("-relaxed" if variant else "")
+                seen_m["evaluator"].figures(args.figures / label, [], None)
+            rows = []
+            for row, is_unseen in [(r, False) for r in seen_m["conditions"]] + [
+                (r, True) for r in new_m["conditions"]
+            ]:
+                checks = judge(row, is_unseen)
+                rows.append(
+                    {**row, "unseen": is_unseen, "checks": checks, "passed": all(checks.values())}
+                )
+            result = {
+                **run,
+                **info,
+                "label": run["label"] + suffix,
+                "relax_sweeps": args.relax if variant else 0,
+                "draws_per_condition": draws,
+                "conditions": rows,
+                "sample_seconds": seen_m["sample_seconds"] + new_m["sample_seconds"],
+            }
+            results.append(result)
+            print(f"  {result['label']}:", flush=True)
+            for r in rows:
+                print(
+                    f"  gamma={r['gamma']:g}{' (unseen)' if r['unseen'] else ''}: U/N "
+                    f"{r['energy_gen']:.3f} vs {r['energy_mc']:.3f}, rho err "
+                    f"{r['density_rel_error_max']:.1%}, overlap {r['overlap_fraction']:.2%}, "
+                    f"ESS {r.get('ess', math.nan):.1f} ({r.get('ess_fraction', math.nan):.2%}), "
+                    f"z_rew {r.get('reweighted_z', math.nan):+.2f}, h {r['height_gen']:.3f} vs "
+                    f"{r['height_mc']:.3f} -> {'PASS' if r['passed'] else 'fail'} "
+                    f"{[k for k, v in r['checks'].items() if not v]}",
+                    flush=True,
+                )
         del model
         gc.collect()
     env = environment(torch.device("cpu"))

@@ -13,9 +13,10 @@ from flowrecon.systems.lj.physics import (
     barometric_density,
     barometric_mean_height,
     density_profile,
+    min_pair_distance,
     potential_energy,
 )
-from flowrecon.systems.lj.sampler import LJChains, lattice_start, run_metropolis
+from flowrecon.systems.lj.sampler import LJChains, lattice_start, relax, run_metropolis
 
 
 def _boltzmann_1d_pair(box: float, gamma: float, temperature: float, cells: int = 1200):
@@ -213,3 +214,15 @@ def test_float32_agrees_with_float64():
 
     (m64, s64), (m32, s32) = mean_energy(torch.float64), mean_energy(torch.float32)
     assert abs(m64 - m32) < 3 * math.hypot(s64, s32)
+
+
+def test_relaxation_removes_overlaps_of_bad_configurations():
+    rng = np.random.default_rng(10)
+    start = rng.uniform(-0.2, 5.2, (300, 30, 3))  # overlapping, some outside the box
+    assert (min_pair_distance(start) < 0.8).mean() > 0.9
+    out, acceptance = relax(start, 0.25, 1.5, sweeps=20, box=5.0, seed=1)
+    assert out.shape == start.shape and 0.3 < acceptance < 0.9
+    assert (min_pair_distance(out) < 0.8).mean() < 0.01
+    assert out.min() >= 0 and out.max() <= 5.0
+    same, _ = relax(start, 0.25, 1.5, sweeps=0, box=5.0)
+    np.testing.assert_allclose(same, np.clip(start, 0, 5))

@@ -185,6 +185,12 @@ def test_zuko_flow_end_to_end_with_the_evaluator(small_table, tmp_path):
     assert text.count("\n") == 3 and "U/N MC" in text
     errors = system.event_error(model.sample(yt, n=8, seed=1).mean(0), xt)
     assert errors.shape == (len(xt),) and np.isfinite(errors).all()
+    # Generator + short Monte Carlo: relaxed draws, no reweighting (their density is unknown).
+    relaxed = system.evaluator(context, max_per_condition=120, relax_sweeps=3)
+    relaxed.update(0, len(xt), model.sample(yt, n=4, seed=0))
+    rows = relaxed.finish(np.zeros_like(xt))["conditions"]
+    assert all(r["relax_sweeps"] == 3 and "ess" not in r for r in rows)
+    assert all(r["unordered_fraction"] == 0 and r["outside_fraction"] == 0 for r in rows)
 
 
 def test_evaluator_rejects_bad_options(small_table):

@@ -112,6 +112,7 @@ def make_system(
         reweight_samples: int = 5_000,
         bins: int = 20,
         overlap: float = 0.8,
+        relax_sweeps: int = 0,
     ) -> LJEvaluator:
         return LJEvaluator(
             context,
@@ -123,6 +124,7 @@ def make_system(
             reweight_samples=reweight_samples,
             bins=bins,
             overlap=overlap,
+            relax_sweeps=relax_sweeps,
         )
 
     options: dict[str, Any] = {

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from flowrecon.system import EvaluationContext, MetricInfo
-from flowrecon.systems.lj.geometry import in_canonical_order, log_permutations
+from flowrecon.systems.lj.geometry import canonical_order, in_canonical_order, log_permutations
 from flowrecon.systems.lj.physics import (
     as_configurations,
     density_profile,
@@ -54,6 +54,7 @@ from flowrecon.systems.lj.physics import (
     pair_distances,
     potential_energy,
 )
+from flowrecon.systems.lj.sampler import relax
 
 __all__ = [
     "LJEvaluator",
@@ -311,6 +312,10 @@ class LJEvaluator:
         reweight_samples: Draws per condition whose density is evaluated for reweighting.
         bins: Bins of the density profile.
         overlap: Overlap distance (sigma).
+        relax_sweeps: If positive, the pooled draws first run this many Metropolis
+            sweeps at their condition (`flowrecon.systems.lj.sampler.relax`), and the
+            metrics judge "generator + short Monte Carlo"; Boltzmann reweighting is then
+            skipped (it needs the density of the draws themselves).
     """
 
     def __init__(
@@ -325,12 +330,16 @@ class LJEvaluator:
         reweight_samples: int = 5_000,
         bins: int = 20,
         overlap: float = OVERLAP_DISTANCE,
+        relax_sweeps: int = 0,
     ) -> None:
         if max_per_condition < 1 or reweight_samples < 0 or bins < 2 or overlap <= 0:
             raise ValueError(
                 "max_per_condition >= 1, reweight_samples >= 0, bins >= 2 and overlap > 0 "
                 f"are required, got {max_per_condition}, {reweight_samples}, {bins}, {overlap}"
             )
+        if relax_sweeps < 0:
+            raise ValueError(f"relax_sweeps must be >= 0, got {relax_sweeps}")
+        self.relax_sweeps = int(relax_sweeps)
         self.context = context
         self.n_particles, self.box, self.dim, self.ordered = n_particles, box, dim, ordered
         self.max_per_condition, self.reweight_samples = max_per_condition, reweight_samples
@@ -344,6 +353,7 @@ class LJEvaluator:
         self.kept = np.zeros(len(self.conditions), dtype=int)
         self.rows: list[dict[str, Any]] = []
         self.curves: list[dict[str, Any]] = []
+        self.pooled: list[np.ndarray] = []
 
     def update(self, start: int, stop: int, samples: np.ndarray) -> None:
         """Pools the draws ``(n, stop - start, Dx)`` of rows start:stop by condition."""
@@ -375,12 +385,26 @@ class LJEvaluator:
 
     def finish(self, posterior_mean: np.ndarray) -> dict[str, Any]:
         """Per-condition metrics and the worst condition's summary (plain JSON)."""
-        self.rows, self.curves = [], []
+        self.rows, self.curves, self.pooled = [], [], []
         for c, (gamma, temp) in enumerate(self.conditions):
             mc = self.x[self.index == c]
             if not self.generated[c]:
                 continue
             gen = np.concatenate(self.generated[c])
+            relaxed = None
+            if self.relax_sweeps:
+                gen, acceptance = relax(
+                    gen,
+                    gamma,
+                    temp,
+                    sweeps=self.relax_sweeps,
+                    box=self.box,
+                    seed=self.context.seed,
+                )
+                if self.ordered:
+                    gen = canonical_order(gen)
+                relaxed = {"relax_sweeps": self.relax_sweeps, "relax_acceptance": acceptance}
+            self.pooled.append(gen)
             sub = gen[: self.reweight_samples]
             row, curves = condition_metrics(
                 gen,
@@ -392,7 +416,9 @@ class LJEvaluator:
                 overlap=self.overlap,
                 nll=self._nll(c),
             )
-            log_q = self._log_q(sub, self.conditions[c])
+            log_q = None if relaxed else self._log_q(sub, self.conditions[c])
+            if relaxed:
+                row.update(relaxed)
             if log_q is not None:  # on the first draws only: densities cost a model pass
                 row.update(
                     reweighting_metrics(
@@ -416,7 +442,7 @@ class LJEvaluator:
 
         if not self.rows:
             return {}
-        gens = [np.concatenate(g) for g in self.generated if g]
+        gens = self.pooled
         mcs = [self.x[self.index == c] for c in range(len(self.conditions)) if self.generated[c]]
         return figures.all_figures(Path(out), self.rows, self.curves, gens, mcs, self.box)
 
