@@ -31,7 +31,7 @@ def small_table() -> pd.DataFrame:
 
 
 def test_factory_signature_and_options():
-    system = make_system("flowrecon.systems.lj:make_system", dim="2", gamma="0.05,0.5")
+    system = make_system("flowrecon.systems.lj:make_system", dim="2", box="8", gamma="0.05,0.5")
     assert isinstance(system, System) and system.name == "lj"
     assert system.x_columns == coordinate_columns(30, 2) and system.x_dim == 60
     assert system.y_columns == ("gamma", "temperature")
@@ -42,6 +42,8 @@ def test_factory_signature_and_options():
         make_lj(dim=1)
     with pytest.raises(ValueError, match="temperatures must be positive"):
         make_lj(temperature=(0.0,))
+    with pytest.raises(ValueError, match="do not fit in a 2-D box"):
+        make_lj(dim=2)  # 30 particles in a 5 x 5 square: denser than close packing
 
 
 def test_simulated_table_has_the_documented_columns(small_table):
@@ -61,6 +63,18 @@ def test_simulated_table_has_the_documented_columns(small_table):
     assert [r["gamma"] for r in report] == [0.2, 1.0]
     assert all(0.3 < r["acceptance"] < 0.5 and r["ess"] > 0 for r in report)
     assert json.dumps(t.attrs["lj"])  # plain values only
+
+
+def test_two_dimensional_system_has_gravity_along_y():
+    system = make_lj(n_particles=5, box=4.0, dim=2, gamma=(0.0, 2.0))
+    table = system.prepare(system.simulate(128, seed=6, device="cpu"))
+    assert list(table.columns[:4]) == ["x0", "y0", "x1", "y1"]
+    ys = table[[f"y{i}" for i in range(5)]].to_numpy()
+    xs = table[[f"x{i}" for i in range(5)]].to_numpy()
+    strong = table["gamma"].to_numpy() == 2.0
+    assert ys[strong].mean() < 1.0 < 1.6 < ys[~strong].mean()  # sedimentation along y
+    assert abs(xs.mean() - 2.0) < 0.2  # no force along x
+    assert (np.diff(ys, axis=1) >= 0).all()  # canonical order by height = y
 
 
 def test_simulate_is_reproducible_and_rejects_bad_sizes():

@@ -33,6 +33,7 @@ import pandas as pd
 from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.lj import data, losses
 from flowrecon.systems.lj.evaluation import METRIC_INFO, LJEvaluator, height_rmse
+from flowrecon.systems.lj.sampler import LATTICE_MIN_SPACING
 
 __all__ = ["make_system"]
 
@@ -58,7 +59,9 @@ def make_system(
     Args:
         n_particles: N.
         box: Side L of the box (sigma).
-        dim: 2 or 3 (gravity along the last axis: y in 2-D, z in 3-D).
+        dim: 2 or 3 (gravity along the last axis: y in 2-D, z in 3-D). The 2-D variant
+            needs a larger box than the default: 30 discs in a 5 x 5 square would be
+            denser than close packing (e.g. ``box=8``, area density 0.47).
         gamma: Gravity values of the simulated grid.
         temperature: Temperatures of the simulated grid (epsilon / k_B).
         order: ``"height"`` (canonical order, default) or ``"none"`` (the simulated,
@@ -79,6 +82,13 @@ def make_system(
     if any(t <= 0 for t in temperature):
         raise ValueError(f"temperatures must be positive, got {temperature}")
     n, ordered = int(n_particles), order == "height"
+    per_side = int(box / LATTICE_MIN_SPACING)
+    if per_side**dim < n:  # the sampler's starting lattice: fail now, not in simulate
+        raise ValueError(
+            f"{n} particles do not fit in a {dim}-D box of side {box:g} (at most "
+            f"{per_side**dim} at spacing {LATTICE_MIN_SPACING}); in 2-D try box="
+            f"{math.ceil(LATTICE_MIN_SPACING * math.ceil(math.sqrt(n)) + 1)} or more"
+        )
 
     def simulate(
         rows: int, *, seed: int = 0, progress: bool = False, device: str = "auto"
