@@ -203,11 +203,11 @@ def test_compiled_move_equals_the_eager_move():
 @pytest.mark.slow
 def test_float32_agrees_with_float64():
     def mean_energy(dtype):
-        mc = LJChains(0.25, 1.5, n_particles=30, n_chains=1024, step=0.6, seed=9, dtype=dtype)
-        mc.sweeps(300)
+        mc = LJChains(0.25, 1.5, n_particles=30, n_chains=512, step=0.6, seed=9, dtype=dtype)
+        mc.sweeps(200)
         values = []
-        for _ in range(10):
-            mc.sweeps(20)
+        for _ in range(8):
+            mc.sweeps(10)
             values.append(mc.energy().double().numpy() / 30)
         v = np.mean(values, 0)
         return v.mean(), v.std() / math.sqrt(v.size)
