@@ -22,6 +22,7 @@ Writes ``lj_sampler.json`` and ``lj_sampler.md`` (``*_quick`` with --quick).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -63,8 +64,12 @@ def time_moves(
     device: torch.device,
     sweeps: int,
     repeats: int,
+    barrier=None,
 ) -> dict:
     torch.set_num_threads(threads)
+    # Each setting compiles afresh: a change of shape, dtype or thread count recompiles,
+    # and past torch._dynamo's recompile limit (8) it would silently run eagerly.
+    torch._dynamo.reset()
     per = chains // len(CONDITIONS)
     gamma = torch.tensor([c[0] for c in CONDITIONS]).repeat_interleave(per)
     temp = torch.tensor([c[1] for c in CONDITIONS]).repeat_interleave(per)
@@ -76,6 +81,8 @@ def time_moves(
     warmup = time.perf_counter() - t0
     rates, others = [], []
     for _ in range(repeats):
+        if barrier is not None:  # processes timed together start together
+            barrier.wait()
         own0, busy0 = _cpu_times()
         t0 = time.perf_counter()
         mc.sweeps(sweeps)
@@ -96,6 +103,45 @@ def time_moves(
         "warmup_s": warmup,
         "acceptance": acceptance,
         "other_load_cpus": statistics.median(others),
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def _worker(args: tuple) -> tuple[float, float]:
+    """One single-threaded process of `time_processes`: its best and median moves/s."""
+    chains, dtype, sweeps, repeats, barrier = args
+    row = time_moves(chains, 1, dtype, True, torch.device("cpu"), sweeps, repeats, barrier)
+    return row["best_moves_per_s"], row["median_moves_per_s"]
+
+
+def time_processes(
+    chains: int, processes: int, dtype: torch.dtype, sweeps: int, repeats: int
+) -> dict:
+    """Aggregate moves/s of independent single-threaded processes sharing the chains.
+
+    The chains are independent, so they can be split over processes with no
+    communication: unlike threads inside one kernel (which wait for each other at every
+    move), a process that loses its core to other work slows down alone.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(processes)
+        work = [(chains // processes, dtype, sweeps, repeats, barrier)] * processes
+        with ctx.Pool(processes) as pool:
+            rates = pool.map(_worker, work)
+    return {
+        "chains": chains,
+        "threads": 1,
+        "processes": processes,
+        "dtype": str(dtype).replace("torch.", ""),
+        "compiled": True,
+        "best_moves_per_s": sum(r[0] for r in rates),
+        "median_moves_per_s": sum(r[1] for r in rates),
+        "warmup_s": math.nan,
+        "acceptance": math.nan,
+        "other_load_cpus": math.nan,
         "loadavg": os.getloadavg()[0],
     }
 
@@ -129,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sweeps", type=int, default=20, help="sweeps per timing")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--processes", type=int, default=2, help="also time this many 1-thread processes"
+    )
     parser.add_argument("--full-chains", type=int, default=512)
     parser.add_argument("--full-samples", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
@@ -165,6 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{row['other_load_cpus']:.2f} CPUs; load {row['loadavg']:.1f})",
                     flush=True,
                 )
+    if device.type == "cpu" and args.processes > 1:
+        for chains in args.chains:
+            for dtype in (torch.float64, torch.float32):
+                row = time_processes(chains, args.processes, dtype, args.sweeps, args.repeats)
+                timings.append(row)
+                print(
+                    f"{args.processes} processes x 1 thread, chains={chains} {row['dtype']}: "
+                    f"best {row['best_moves_per_s'] / 1e6:.2f} M moves/s, median "
+                    f"{row['median_moves_per_s'] / 1e6:.2f}",
+                    flush=True,
+                )
     full = full_run(device, args.full_chains, args.full_samples, max(args.threads))
     print(
         f"full run: {full['configurations']} configurations in {full['seconds']:.0f} s "
@@ -175,6 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
     headline = max(
         (r for r in timings if r["dtype"] == "float64"), key=lambda r: r["best_moves_per_s"]
     )
+    one_thread = max(
+        (
+            r
+            for r in timings
+            if r["dtype"] == "float64" and r["threads"] == 1 and r.get("processes", 1) == 1
+        ),
+        key=lambda r: r["best_moves_per_s"],
+    )
     payload = {
         "environment": env,
         "command": " ".join(["python", "benchmarks/lj_sampler.py", *(argv or sys.argv[1:])]),
@@ -183,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_after": os.getloadavg(),
         "timings": timings,
         "headline_float64": headline,
+        "one_thread_float64": one_thread,
         "full_run": full,
     }
     lines = [
@@ -193,12 +262,12 @@ def main(argv: list[str] | None = None) -> dict:
         "(the machine is shared; 'others' is the CPU time other processes took during "
         "the timing, in CPUs).",
         "",
-        "| threads | chains | dtype | move | best M moves/s | median | others (CPUs) |",
+        "| processes x threads | chains | dtype | move | best M moves/s | median | others (CPUs) |",
         "|---:|---:|---|---|---:|---:|---:|",
     ]
     for r in timings:
         lines.append(
-            f"| {r['threads']} | {r['chains']} | {r['dtype']} | "
+            f"| {r.get('processes', 1)} x {r['threads']} | {r['chains']} | {r['dtype']} | "
             f"{'compiled' if r['compiled'] else 'eager'} | {r['best_moves_per_s'] / 1e6:.2f} | "
             f"{r['median_moves_per_s'] / 1e6:.2f} | {r['other_load_cpus']:.2f} |"
         )
