@@ -544,11 +544,14 @@ def fit(
     )
     result = run.config["result"]
     if not quiet:
+        how = "calibrated on the validation split"
+        if not run.config.get("fit_options", {}).get("calibrate", True):
+            how = f"not calibrated: system {run.config['system']['name']} fits without it"
         click.echo(
             f"{model}: {result['epochs']} epochs in {time.perf_counter() - start:.0f} s "
             f"({result['stopped']}), best validation loss {result['best_val_loss']:.4g} "
             f"at epoch {result['best_epoch']}; sampling temperature "
-            f"{result['temperature']:.3g} (calibrated on the validation split)"
+            f"{result['temperature']:.3g} ({how})"
         )
         click.echo(f"wrote {out}/model.pt, config.json, history.csv and learning curves")
         if result.get("message"):

@@ -525,6 +525,7 @@ def fit_run(
             x[val_idx],
             y[val_idx],
             checkpoint_path=stage / "model.pt",
+            **dict(system_obj.fit_options),
             **options,
         )
         config = _run_record(
@@ -574,6 +575,7 @@ def _run_record(
             **dict(preprocessing or {}),
         },
         "physics": {"weights": weights},
+        "fit_options": dict(system.fit_options),
         "data": data_info,
         "split": {
             "seed": seed,

@@ -35,7 +35,7 @@ def test_factory_signature_and_options():
     assert isinstance(system, System) and system.name == "lj"
     assert system.x_columns == coordinate_columns(30, 2) and system.x_dim == 60
     assert system.y_columns == ("gamma", "temperature")
-    assert system.options["gamma"] == [0.05, 0.5] and system.transform is None
+    assert system.options["gamma"] == [0.05, 0.5] and system.transform == "lj-chamber-d2-L8"
     with pytest.raises(ValueError, match="order must be one of"):
         make_lj(order="random")
     with pytest.raises(ValueError, match="dim must be 2 or 3"):

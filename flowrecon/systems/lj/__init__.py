@@ -34,8 +34,16 @@ from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.lj import data, losses
 from flowrecon.systems.lj.evaluation import METRIC_INFO, LJEvaluator, height_rmse
 from flowrecon.systems.lj.sampler import LATTICE_MIN_SPACING
+from flowrecon.systems.lj.transform import chamber_transform_name
 
-__all__ = ["make_system"]
+__all__ = ["FIT_OPTIONS", "make_system"]
+
+#: What ``fit`` leaves out for this system, and why. A sampling temperature calibrated to
+#: per-coordinate coverage would rescale the model's Boltzmann distribution (at T' != 1 a
+#: flow's draws are no longer configurations at the simulated temperature), and the
+#: conditions are a design grid, not measurements: a density over three gamma values is
+#: three spikes that would flag every gamma between them, the interpolation asked for.
+FIT_OPTIONS: dict[str, Any] = {"calibrate": False, "condition_density": False}
 
 #: Orders of the particles in x: sorted by height, or as simulated (labelled).
 ORDERS = ("height", "none")
@@ -81,24 +89,24 @@ def make_system(
     data.condition_grid(gamma, temperature)  # raises on an empty grid
     if any(t <= 0 for t in temperature):
         raise ValueError(f"temperatures must be positive, got {temperature}")
-    n, ordered = int(n_particles), order == "height"
+    count, ordered = int(n_particles), order == "height"
     per_side = int(box / LATTICE_MIN_SPACING)
-    if per_side**dim < n:  # the sampler's starting lattice: fail now, not in simulate
+    if per_side**dim < count:  # the sampler's starting lattice: fail now, not in simulate
         raise ValueError(
-            f"{n} particles do not fit in a {dim}-D box of side {box:g} (at most "
+            f"{count} particles do not fit in a {dim}-D box of side {box:g} (at most "
             f"{per_side**dim} at spacing {LATTICE_MIN_SPACING}); in 2-D try box="
-            f"{math.ceil(LATTICE_MIN_SPACING * math.ceil(math.sqrt(n)) + 1)} or more"
+            f"{math.ceil(LATTICE_MIN_SPACING * math.ceil(math.sqrt(count)) + 1)} or more"
         )
 
     def simulate(
-        rows: int, *, seed: int = 0, progress: bool = False, device: str = "auto"
+        n: int, *, seed: int = 0, progress: bool = False, device: str = "auto"
     ) -> pd.DataFrame:
         return data.simulate(
-            rows,
+            n,
             seed=seed,
             progress=progress,
             device=device,
-            n_particles=n,
+            n_particles=count,
             box=box,
             dim=dim,
             gamma=gamma,
@@ -110,7 +118,7 @@ def make_system(
         )
 
     def prepare(table: pd.DataFrame) -> pd.DataFrame:
-        return data.prepare(table, n, dim) if ordered else table
+        return data.prepare(table, count, dim) if ordered else table
 
     def event_error(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return height_rmse(pred, truth, dim)
@@ -126,7 +134,7 @@ def make_system(
     ) -> LJEvaluator:
         return LJEvaluator(
             context,
-            n_particles=n,
+            n_particles=count,
             box=box,
             dim=dim,
             ordered=ordered,
@@ -138,7 +146,7 @@ def make_system(
         )
 
     options: dict[str, Any] = {
-        "n_particles": n,
+        "n_particles": count,
         "box": float(box),
         "dim": int(dim),
         "gamma": list(gamma),
@@ -153,13 +161,15 @@ def make_system(
         name="lj",
         description="Lennard-Jones fluid under gravity in a closed box: configurations given "
         "(gamma, T)",
-        x_columns=data.coordinate_columns(n, dim),
+        x_columns=data.coordinate_columns(count, dim),
         y_columns=data.CONDITION_COLUMNS,
         x_unit="sigma",
         y_unit="reduced units",
         simulate=simulate,
         builtin={"n": 30_000, "seed": 1},
-        transform=None,
+        # Ordered configurations: the chamber transform maps them one-to-one onto R^(N D),
+        # so every draw is an ordered configuration inside the box.
+        transform=chamber_transform_name(dim, box) if ordered else None,
         split=data.split,
         prepare=prepare,
         error_name="height_rmse",
@@ -168,6 +178,7 @@ def make_system(
         metric_info=METRIC_INFO,
         evaluator=evaluator,
         physics_terms=losses.TERMS,
-        physics_loss=lambda: losses.physics_loss(n, dim, box),
+        physics_loss=lambda: losses.physics_loss(count, dim, box),
         options=options,
+        fit_options=FIT_OPTIONS,
     )

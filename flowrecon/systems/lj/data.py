@@ -154,7 +154,9 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> No
 def prepare(table: pd.DataFrame, n_particles: int, dim: int) -> pd.DataFrame:
     """The table with each row's particles in canonical order (sorted by height).
 
-    Only the coordinate columns change; the function is idempotent.
+    Only the coordinate columns change; the function is idempotent. A table of
+    conditions alone (no coordinate column, as ``flowrecon sample`` reads) is returned
+    as it is.
 
     Example:
         >>> t = pd.DataFrame({"x0": [0.0], "y0": [2.0], "x1": [1.0], "y1": [1.0]})
@@ -162,6 +164,8 @@ def prepare(table: pd.DataFrame, n_particles: int, dim: int) -> pd.DataFrame:
         [1.0, 1.0, 0.0, 2.0]
     """
     cols = list(coordinate_columns(n_particles, dim))
+    if not any(c in table.columns for c in cols):
+        return table
     _check_columns(table, cols, "canonical order")
     values = table[cols].to_numpy(dtype=np.float64)
     ordered = canonical_order(values.reshape(-1, n_particles, dim)).reshape(values.shape)
