@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from _common import environment, write_results  # noqa: E402
 import flowrecon as fr  # noqa: E402
 from flowrecon.system import EvaluationContext  # noqa: E402
 from flowrecon.systems.lj import make_system  # noqa: E402
+from flowrecon.systems.lj.latent import ANOMALY_NOISE  # noqa: E402
 from flowrecon.systems.lj.transform import chamber_transform_name  # noqa: E402
 
 #: Hyper-parameters for 90-dimensional configurations (defaults are sized for 9-D CEI).
@@ -60,6 +62,17 @@ SETTINGS: dict[str, dict] = {
     "nflows-maf": {},
     "cvae": {"hidden_dim": 128, "num_layers": 3, "latent_dim": 32},
 }
+
+#: Latent-map and anomaly metrics of the evaluator, reported per model (seen conditions).
+MODEL_CHECKS = (
+    "latent_dim",
+    "latent_silhouette",
+    "latent_silhouette_2pc",
+    "anomaly_auc",
+    "anomaly_auc_energy",
+    "anomaly_energy_shift",
+    "nll_labelled",
+)
 
 TARGETS = {
     "energy": 0.05,
@@ -123,7 +136,7 @@ def fit(run: dict, table: pd.DataFrame, minutes: float, seed: int) -> tuple[obje
         device="cpu",
         seed=seed,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     extra = {}
     if run.get("physics"):
         extra = {
@@ -143,10 +156,11 @@ def fit(run: dict, table: pd.DataFrame, minutes: float, seed: int) -> tuple[obje
         patience=0,
         max_minutes=minutes,
         quiet=True,
-        calibrate=False,
+        **system.fit_options,  # no calibrated temperature, no condition density
     )
     info = {
         "fit_seconds": time.perf_counter() - t0,
+        "fit_cpu_seconds": time.process_time() - c0,
         "epochs": model.history_.epochs,
         "best_val": float(min(model.history_.val.get("loss", [math.nan]) or [math.nan])),
         "train_rows": len(train),
@@ -214,6 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--models", nargs="+", default=["zuko-nsf", "zuko-maf", "freia-cinn", "cvae"]
     )
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget a model")
+    parser.add_argument(
+        "--budget",
+        nargs="+",
+        default=[],
+        metavar="MODEL=MIN",
+        help="other budgets by model name (raw: the source study's cVAE), e.g. cvae=5 raw=5",
+    )
     parser.add_argument("--draws", type=int, default=5000, help="draws a condition")
     parser.add_argument(
         "--ar-draws", type=int, default=1000, help="draws a condition, autoregressive flows"
@@ -245,10 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
     runs = plan(args.models, args.ablation, args.physics)
     if args.no_raw:
         runs = [r for r in runs if r["representation"] != "raw"]
+    budgets = dict(_budget(b) for b in args.budget)
     results = []
     for run in runs:
-        print(f"== {run['label']}: fitting for {args.minutes} min", flush=True)
-        model, info = fit(run, table, args.minutes, args.seed)
+        key = "raw" if run["representation"] == "raw" else run["model"]
+        minutes = min(budgets.get(key, args.minutes), args.minutes)
+        load = os.getloadavg()
+        print(f"== {run['label']}: fitting for {minutes} min (load {load[0]:.2f})", flush=True)
+        model, info = fit(run, table, minutes, args.seed)
+        info.update(minutes=minutes, load_before=load, load_after_fit=os.getloadavg())
         system, prepared = info.pop("system"), info.pop("prepared")
         test = info.pop("test")
         draws = args.draws if run["model"] in ONE_PASS else min(args.draws, args.ar_draws)
@@ -284,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "draws_per_condition": draws,
                 "conditions": rows,
                 "sample_seconds": seen_m["sample_seconds"] + new_m["sample_seconds"],
+                "model_checks": {k: seen_m.get(k) for k in MODEL_CHECKS if k in seen_m},
             }
             results.append(result)
             print(f"  {result['label']}:", flush=True)
@@ -313,6 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(args.out, "lj_generation_quick" if args.quick else "lj_generation", payload, text)
     print(text)
     return payload
+
+
+def _budget(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--budget takes MODEL=MINUTES, got {text!r}")
+    return name, float(value)
 
 
 def _fmt(v, spec: str) -> str:
@@ -349,7 +383,30 @@ def report(results: list[dict], args: argparse.Namespace, env: dict) -> str:
                 f"{r['height_gen']:.3f} | {r['height_mc']:.3f} | "
                 f"{'yes' if r['passed'] else 'no: ' + ', '.join(failed)} |"
             )
-    lines += ["", "`*`: unseen condition (not in the training data)."]
+    lines += ["", "`*`: unseen condition (not in the training data).", ""]
+    lines += [
+        "| model | budget (min) | fit wall (s) | fit CPU (s) | load before / after fit | "
+        "best val loss | latent silhouette (2 PC) | anomaly AUC | AUC of U/T |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        if res.get("relax_sweeps"):
+            continue
+        c = res.get("model_checks", {})
+        load = f"{res['load_before'][0]:.2f} / {res['load_after_fit'][0]:.2f}"
+        lines.append(
+            f"| {res['label']} | {res['minutes']:g} | {res['fit_seconds']:.0f} | "
+            f"{res['fit_cpu_seconds']:.0f} | {load} | {_fmt(res['best_val'], '.2f')} | "
+            f"{_fmt(c.get('latent_silhouette'), '.3f')} "
+            f"({_fmt(c.get('latent_silhouette_2pc'), '.3f')}) | "
+            f"{_fmt(c.get('anomaly_auc'), '.3f')} | {_fmt(c.get('anomaly_auc_energy'), '.3f')} |"
+        )
+    lines += [
+        "",
+        "Load: 1-minute load average of the 2-core machine (other work shares it). "
+        f"Perturbed configurations for the AUCs: every coordinate displaced by "
+        f"N(0, {ANOMALY_NOISE} sigma), reflected into the box, re-sorted.",
+    ]
     return "\n".join(lines)
 
 

@@ -130,6 +130,8 @@ def test_evaluate_reports_physics_per_condition(lj_run, tmp_path):
             assert key in c, key
         assert c["outside_fraction"] == 0.0  # the chamber transform keeps draws inside
     assert np.isfinite(metrics["nll"])
+    assert 0.0 <= metrics["anomaly_auc"] <= 1.0 and metrics["anomaly_auc_energy"] > 0.55
+    assert "latent_silhouette" not in metrics  # a flow has no encoder
     for name in ("report.md", "lj_energy.png", "lj_density.png", "lj_pairs.png"):
         assert (out / name).is_file(), name
 
@@ -169,4 +171,7 @@ def test_compare_tabulates_lj_metrics(lj_data, tmp_path):
     table = pd.read_csv(out / "comparison.csv")
     assert table["model"].tolist() == ["cvae", "zuko-maf"]
     assert "height_rmse" in table.columns
-    assert (out / "cvae" / "evaluation" / "metrics.json").is_file()
+    cvae = json.loads((out / "cvae" / "evaluation" / "metrics.json").read_text())
+    assert -1.0 <= cvae["latent_silhouette"] <= 1.0 and cvae["latent_dim"] >= 2
+    assert 0.0 <= cvae["anomaly_auc"] <= 1.0
+    assert (out / "cvae" / "evaluation" / "lj_latent.png").is_file()

@@ -43,6 +43,7 @@ import numpy as np
 
 from flowrecon.system import EvaluationContext, MetricInfo
 from flowrecon.systems.lj.geometry import canonical_order, in_canonical_order, log_permutations
+from flowrecon.systems.lj.latent import ANOMALY_NOISE, anomaly_metrics, latent_metrics
 from flowrecon.systems.lj.physics import (
     as_configurations,
     density_profile,
@@ -111,6 +112,22 @@ METRIC_INFO: dict[str, MetricInfo] = {
     ),
     "nll_labelled": MetricInfo(
         "nats", "negative log-likelihood per labelled configuration (ordered NLL + log N!)"
+    ),
+    "latent_silhouette": MetricInfo(
+        "",
+        "silhouette score of the gamma labels in the encoder's latent means (near 0: the "
+        "latent does not encode gamma, as a conditional model's need not)",
+    ),
+    "latent_silhouette_2pc": MetricInfo(
+        "", "the same silhouette in the first two principal components of the latent means"
+    ),
+    "anomaly_auc": MetricInfo(
+        "",
+        "ROC AUC of the model's anomaly score (-log p, or the cVAE's negative ELBO) between "
+        "held-out and perturbed configurations (1: separated, 0.5: not)",
+    ),
+    "anomaly_auc_energy": MetricInfo(
+        "", "the same AUC for the exact Boltzmann score U/T: the physics reference"
     ),
 }
 
@@ -316,6 +333,11 @@ class LJEvaluator:
             sweeps at their condition (`flowrecon.systems.lj.sampler.relax`), and the
             metrics judge "generator + short Monte Carlo"; Boltzmann reweighting is then
             skipped (it needs the density of the draws themselves).
+        latent_rows: Held-out configurations whose latent means are mapped (models with
+            an encoder, `flowrecon.systems.lj.latent`); 0 skips the map.
+        anomaly_rows: Held-out configurations scored against perturbed copies of
+            themselves (models with a density or an ELBO); 0 skips it.
+        anomaly_noise: Displacement of the perturbed copies (sigma per coordinate).
     """
 
     def __init__(
@@ -331,14 +353,25 @@ class LJEvaluator:
         bins: int = 20,
         overlap: float = OVERLAP_DISTANCE,
         relax_sweeps: int = 0,
+        latent_rows: int = 3000,
+        anomaly_rows: int = 2000,
+        anomaly_noise: float = ANOMALY_NOISE,
     ) -> None:
         if max_per_condition < 1 or reweight_samples < 0 or bins < 2 or overlap <= 0:
             raise ValueError(
                 "max_per_condition >= 1, reweight_samples >= 0, bins >= 2 and overlap > 0 "
                 f"are required, got {max_per_condition}, {reweight_samples}, {bins}, {overlap}"
             )
-        if relax_sweeps < 0:
-            raise ValueError(f"relax_sweeps must be >= 0, got {relax_sweeps}")
+        if relax_sweeps < 0 or latent_rows < 0 or anomaly_rows < 0:
+            raise ValueError(
+                "relax_sweeps, latent_rows and anomaly_rows must be >= 0, got "
+                f"{relax_sweeps}, {latent_rows} and {anomaly_rows}"
+            )
+        if not (math.isfinite(anomaly_noise) and anomaly_noise > 0):
+            raise ValueError(f"anomaly_noise must be > 0 (sigma), got {anomaly_noise}")
+        self.latent_rows, self.anomaly_rows = int(latent_rows), int(anomaly_rows)
+        self.anomaly_noise = float(anomaly_noise)
+        self.latent_map: dict[str, np.ndarray] | None = None
         self.relax_sweeps = int(relax_sweeps)
         self.context = context
         self.n_particles, self.box, self.dim, self.ordered = n_particles, box, dim, ordered
@@ -434,7 +467,33 @@ class LJEvaluator:
                 )
             self.rows.append(row)
             self.curves.append(curves)
-        return summarise(self.rows)
+        return {**summarise(self.rows), **self._model_checks()}
+
+    def _model_checks(self) -> dict[str, Any]:
+        """The latent map (encoder models) and the anomaly AUC (density or ELBO models)."""
+        model, out = self.context.model, {}
+        flat = self.x.reshape(len(self.x), -1)
+        y = np.asarray(self.context.y, dtype=np.float64)
+        if self.latent_rows and getattr(model, "has_latent", False):
+            metrics, self.latent_map = latent_metrics(
+                model, flat, y, self.latent_rows, self.context.seed
+            )
+            out.update(metrics)
+        scorable = getattr(model, "has_density", False) or getattr(model, "has_latent", False)
+        if self.anomaly_rows and scorable:
+            out.update(
+                anomaly_metrics(
+                    model,
+                    self.x,
+                    y,
+                    noise=self.anomaly_noise,
+                    box=self.box,
+                    rows=self.anomaly_rows,
+                    seed=self.context.seed,
+                    ordered=self.ordered,
+                )
+            )
+        return out
 
     def figures(self, out: Path, shown: Sequence[int], examples: np.ndarray | None) -> dict:
         """Energy histograms, density profiles, g(r) and snapshots, one panel a condition."""
@@ -444,7 +503,14 @@ class LJEvaluator:
             return {}
         gens = self.pooled
         mcs = [self.x[self.index == c] for c in range(len(self.conditions)) if self.generated[c]]
-        return figures.all_figures(Path(out), self.rows, self.curves, gens, mcs, self.box)
+        made = figures.all_figures(Path(out), self.rows, self.curves, gens, mcs, self.box)
+        if self.latent_map is not None:
+            made["lj_latent"] = (
+                figures.latent_map(self.latent_map, Path(out) / "lj_latent.png"),
+                "Encoder means of held-out configurations on their first two principal "
+                "components, coloured by gamma",
+            )
+        return made
 
     def table(self, metrics: Mapping[str, Any]) -> str:
         """A markdown table of the per-condition metrics."""

@@ -23,6 +23,7 @@ __all__ = [
     "all_figures",
     "density_profiles",
     "energy_histograms",
+    "latent_map",
     "pair_distributions",
     "snapshots",
 ]
@@ -175,6 +176,22 @@ def snapshots(
         axes[0, j].set_title(_title(row), fontsize=9)
     axes[0, 0].set_ylabel("Monte Carlo")
     axes[1, 0].set_ylabel("generated")
+    return _save(fig, path)
+
+
+def latent_map(latent: dict[str, np.ndarray], path: Path) -> Path:
+    """Latent means on their first two principal components, one colour per gamma."""
+    fig, (ax,) = _panels(1, (5.0, 4.2))
+    pcs, gamma = latent["pcs"], latent["gamma"]
+    values = np.unique(np.round(gamma, 9))
+    colours = [f"C{i % 10}" for i in range(len(values))]
+    for value, colour in zip(values, colours):
+        mine = np.isclose(gamma, value)
+        second = pcs[mine, 1] if pcs.shape[1] > 1 else np.zeros(mine.sum())
+        ax.scatter(pcs[mine, 0], second, s=4, alpha=0.5, color=colour, label=f"gamma = {value:g}")
+    ax.set_xlabel("latent PC 1")
+    ax.set_ylabel("latent PC 2")
+    ax.legend(markerscale=3, fontsize="small")
     return _save(fig, path)
 
 
