@@ -377,6 +377,13 @@ def simulate(
         )
 
 
+def _column_list(columns: Sequence[str], most: int = 12) -> str:
+    """Column names, the middle of a long list elided (90 coordinates fill a screen)."""
+    if len(columns) <= most:
+        return ", ".join(columns)
+    return f"{', '.join(columns[:6])}, ..., {', '.join(columns[-3:])} ({len(columns)} columns)"
+
+
 def _describe(options: Mapping[str, Any]) -> str:
     """``name 2,2,2, other x``: options as a user would type them."""
 
@@ -646,8 +653,10 @@ def systems(details: str | None) -> None:
     system = make_system(details)
     factory = get_factory(details)
     click.echo(f"{system.name}: {system.description}")
-    click.echo(f"  targets x ({system.x_unit}): {', '.join(system.x_columns)}")
-    click.echo(f"  conditions y ({system.y_unit}): {', '.join(system.y_columns)}")
+    click.echo(f"  targets x ({system.x_unit}): {_column_list(system.x_columns)}")
+    click.echo(f"  conditions y ({system.y_unit}): {_column_list(system.y_columns)}")
+    if system.fit_options:
+        click.echo(f"  fit uses: {_describe(system.fit_options)}")
     flags = system.cli_flags
     for title, func in (
         ("system options (simulate, fit, compare)", factory),

@@ -33,6 +33,7 @@ import pandas as pd
 from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.lj import data, losses
 from flowrecon.systems.lj.evaluation import METRIC_INFO, LJEvaluator, height_rmse
+from flowrecon.systems.lj.latent import ANOMALY_NOISE
 from flowrecon.systems.lj.sampler import LATTICE_MIN_SPACING
 from flowrecon.systems.lj.transform import chamber_transform_name
 
@@ -131,6 +132,9 @@ def make_system(
         bins: int = 20,
         overlap: float = 0.8,
         relax_sweeps: int = 0,
+        latent_rows: int = 3000,
+        anomaly_rows: int = 2000,
+        anomaly_noise: float = ANOMALY_NOISE,
     ) -> LJEvaluator:
         return LJEvaluator(
             context,
@@ -143,6 +147,9 @@ def make_system(
             bins=bins,
             overlap=overlap,
             relax_sweeps=relax_sweeps,
+            latent_rows=latent_rows,
+            anomaly_rows=anomaly_rows,
+            anomaly_noise=anomaly_noise,
         )
 
     options: dict[str, Any] = {
