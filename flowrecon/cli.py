@@ -375,6 +375,8 @@ def simulate(
             f"wrote {n} rows of {system.description} ({_describe(system.options)}) to {out} "
             f"in {time.perf_counter() - start:.1f} s"
         )
+        if isinstance(frame.attrs.get("report"), str):  # the simulator's own diagnostics
+            click.echo(frame.attrs["report"])
 
 
 def _column_list(columns: Sequence[str], most: int = 12) -> str:

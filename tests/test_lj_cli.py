@@ -77,6 +77,8 @@ def test_simulate_default_system_size_and_message(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "wrote 6 rows of Lennard-Jones fluid under gravity" in result.output
+    assert "Metropolis min(1, exp(-dU/T))" in result.output  # the sampler's diagnostics
+    assert "gamma 0.5, T 1.5: " in result.output and "acceptance" in result.output
     table = pd.read_csv(out)
     assert table.shape == (6, 90 + 5) and list(table.columns[87:90]) == ["x29", "y29", "z29"]
 

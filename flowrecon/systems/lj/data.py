@@ -142,7 +142,33 @@ def simulate(
         "moves": run.moves,
         "seconds": run.seconds,
     }
+    table.attrs["report"] = run_report(table.attrs["lj"])
     return table
+
+
+def run_report(diagnostics: dict[str, Any]) -> str:
+    """The sampler's diagnostics per condition as lines of text (``simulate`` prints them).
+
+    Example:
+        >>> print(run_report({"moves": 3e6, "seconds": 2.0, "conditions": [
+        ...     {"gamma": 0.5, "temperature": 1.5, "chains": 8, "acceptance": 0.41,
+        ...      "step": 0.5, "tau": 30.0, "thin": 60, "ess": 150.2, "converged": True}]}))
+        Metropolis min(1, exp(-dU/T)): 3,000,000 moves, 2.0 s, 1.5 M/s; tau, thin in sweeps
+          gamma 0.5, T 1.5: 8 chains, acceptance 0.41, step 0.5, tau 30.0, thin 60, ESS 150
+    """
+    moves, seconds = float(diagnostics["moves"]), float(diagnostics["seconds"])
+    lines = [
+        f"Metropolis min(1, exp(-dU/T)): {moves:,.0f} moves, {seconds:.1f} s, "
+        f"{moves / max(seconds, 1e-9) / 1e6:.1f} M/s; tau, thin in sweeps"
+    ]
+    for c in diagnostics["conditions"]:
+        line = (
+            f"  gamma {c['gamma']:g}, T {c['temperature']:g}: {c['chains']} chains, acceptance "
+            f"{c['acceptance']:.2f}, step {c['step']:.3g}, tau {c['tau']:.1f}, thin {c['thin']}, "
+            f"ESS {c['ess']:.0f}"
+        )
+        lines.append(line + ("" if c.get("converged", True) else " (NOT converged)"))
+    return "\n".join(lines)
 
 
 def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
