@@ -71,14 +71,22 @@ def test_simulate_writes_the_physicists_columns(lj_data):
     assert (table.groupby("chain")["gamma"].nunique() == 1).all()
 
 
-def test_simulate_default_system_size_and_message(tmp_path):
+def test_simulate_prints_the_samplers_diagnostics(tmp_path):
+    out = tmp_path / "lj.csv"
+    args = ["simulate", "--system", "lj", "--n", "40", *SMALL, "--set", "gamma=0.5"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 40 rows of Lennard-Jones fluid under gravity" in result.output
+    assert "Metropolis min(1, exp(-dU/T))" in result.output
+    assert "gamma 0.5, T 1.5: 32 chains, acceptance" in result.output and "ESS" in result.output
+
+
+@pytest.mark.slow
+def test_simulate_default_system_size(tmp_path):
     out = tmp_path / "lj.csv"
     args = ["simulate", "--system", "lj", "--n", "6", "--set", "gamma=0.5", "--out", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "wrote 6 rows of Lennard-Jones fluid under gravity" in result.output
-    assert "Metropolis min(1, exp(-dU/T))" in result.output  # the sampler's diagnostics
-    assert "gamma 0.5, T 1.5: " in result.output and "acceptance" in result.output
     table = pd.read_csv(out)
     assert table.shape == (6, 90 + 5) and list(table.columns[87:90]) == ["x29", "y29", "z29"]
 
