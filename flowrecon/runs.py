@@ -1139,5 +1139,6 @@ def tune_run(
     return tune(
         model, table.x[train_idx], table.y[train_idx], table.x[val_idx], table.y[val_idx],
         out=out, metric=metric, metric_fn=metric_fn, seed=seed, progress=progress,
-        generator_options=generator, best_sections=sections, **tune_options,
+        generator_options=generator, best_sections=sections,
+        fit_options=dict(system_obj.fit_options), **tune_options,
     )  # fmt: skip

@@ -185,3 +185,23 @@ def test_compare_tabulates_lj_metrics(lj_data, tmp_path):
     assert -1.0 <= cvae["latent_silhouette"] <= 1.0 and cvae["latent_dim"] >= 2
     assert 0.0 <= cvae["anomaly_auc"] <= 1.0
     assert (out / "cvae" / "evaluation" / "lj_latent.png").is_file()
+
+
+def test_tune_on_the_height_error_without_calibration(lj_data, tmp_path, monkeypatch):
+    import flowrecon.base as base
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an LJ model must not be calibrated")
+
+    monkeypatch.setattr(base.ConditionalGenerator, "calibrate", refuse)
+    out = tmp_path / "study"
+    args = [
+        "tune", "--system", "lj", *SMALL, "--model", "maf", "--data", lj_data, "--out", str(out),
+        "--trials", "1", "--epochs", "1", "--metric", "height_rmse", "--device", "cpu",
+        "--quiet",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert '[system]\nname = "lj"' in (out / "best.toml").read_text()
+    trials = pd.read_csv(out / "trials.csv")
+    assert trials["state"].tolist() == ["COMPLETE"] and np.isfinite(trials["value"]).all()
