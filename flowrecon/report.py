@@ -122,6 +122,22 @@ def _summary_line(metrics: Mapping[str, Any], system: System) -> str:
     )
 
 
+def _trust_line(metrics: Mapping[str, Any]) -> str:
+    n = metrics.get("n", 0)
+    ood = metrics.get("out_of_domain")
+    flagged = (
+        "the model has no condition density, so no event is checked against the training conditions"
+        if ood is None
+        else f"{round(ood * n)} of {n} events lie outside the training conditions"
+    )
+    return (
+        f"- trust: {flagged}; {_fmt(metrics.get('redrawn_fraction'))} of the draws fell outside "
+        f"the training targets' region and were drawn again; "
+        f"{metrics.get('unresolved_events', 0)} events kept draws that could not be resolved. "
+        "`events.csv` lists every event with its error and these flags."
+    )
+
+
 def _definitions(metrics: Mapping[str, Any], system: System) -> list[str]:
     info = _info(system)
     lines = ["## Definitions", "", "| key | unit | meaning |", "|---|---|---|"]
@@ -168,11 +184,13 @@ def _generic_figures(run: Any, result: Any, stage: Path) -> dict[str, tuple[Path
 
 
 def write_evaluation(run: Any, result: Any, stage: Path, what: str, samples: int) -> dict:
-    """Writes metrics.json, calibration.npz, figures and report.md into ``stage``.
+    """Writes metrics.json, events.csv, calibration.npz, figures and report.md into ``stage``.
 
     Returns figure name -> path (in ``stage``).
     """
     (stage / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    if result.events is not None:
+        result.events.to_csv(stage / "events.csv", index=False)
     np.savez(stage / "calibration.npz", levels=result.levels, empirical=result.calibration)
     figures = _generic_figures(run, result, stage)
     if result.evaluator is not None:
@@ -197,6 +215,7 @@ def _write_report(run, result, stage: Path, what: str, samples: int, figures: di
         f"best validation loss {best_text} at epoch {res.get('best_epoch', '?')}",
         f"- sampling: {metrics.get('sampling_samples_per_s', 0):,.0f} samples/s",
         _summary_line(metrics, system),
+        _trust_line(metrics),
         "",
         "## Metrics",
         "",

@@ -772,6 +772,7 @@ class EvaluationResult:
     example_draws: np.ndarray | None
     evaluator: Any
     context: EvaluationContext
+    events: Any = None  # pandas DataFrame, one row an event (`_EventDiagnostics.table`)
 
 
 def _evaluate(
@@ -797,6 +798,7 @@ def _evaluate(
         np.random.default_rng(seed).choice(n_events, min(examples, n_events), replace=False)
     )
     post_mean = np.empty_like(x)
+    diagnostics = _EventDiagnostics(n_events)
     hits = np.zeros(LEVELS.size)
     kept: dict[int, np.ndarray] = {}
     seconds = draws = 0.0
@@ -804,8 +806,10 @@ def _evaluate(
     for start in range(0, n_events, EVAL_CHUNK):
         stop = min(start + EVAL_CHUNK, n_events)
         t0 = time.perf_counter()
-        xs = np.asarray(model.sample(y[start:stop], n=samples, seed=seed + start))
+        drawn = model.sample(y[start:stop], n=samples, seed=seed + start, return_diagnostics=True)
         seconds += time.perf_counter() - t0
+        xs = np.asarray(drawn.samples)
+        diagnostics.update(start, stop, drawn)
         draws += xs.shape[0] * xs.shape[1]
         post_mean[start:stop] = xs.mean(0)
         hits += _coverage(xs, x[start:stop]) * (stop - start)
@@ -819,12 +823,14 @@ def _evaluate(
         bar.close()
     calibration = hits / n_events
     metrics = _generic_metrics(system, model, x, y, post_mean, calibration, samples)
+    metrics.update(diagnostics.metrics(samples))
     if evaluator is not None:
         metrics.update(evaluator.finish(post_mean))
     metrics["sampling_samples_per_s"] = draws / max(seconds, 1e-12)
     metrics = _ordered(metrics, system)
     example_draws = np.stack([kept[int(i)] for i in shown], 1) if len(shown) else None
     text, examples_text = _texts(system, evaluator, metrics, example_draws, shown, context)
+    events = diagnostics.table(table.rows, system.error_name, system.event_error(post_mean, x))
     return EvaluationResult(
         metrics,
         text,
@@ -836,7 +842,46 @@ def _evaluate(
         example_draws,
         evaluator,
         context,
+        events,
     )
+
+
+class _EventDiagnostics:
+    """Per-event sampling diagnostics gathered chunk by chunk (`SampleDiagnostics`)."""
+
+    def __init__(self, n_events: int) -> None:
+        self.redrawn = np.zeros(n_events, dtype=np.int64)
+        self.unresolved = np.zeros(n_events, dtype=np.int64)
+        self.in_domain: np.ndarray | None = None
+
+    def update(self, start: int, stop: int, drawn: Any) -> None:
+        self.redrawn[start:stop] = np.asarray(drawn.redrawn)
+        self.unresolved[start:stop] = np.asarray(drawn.unresolved)
+        if drawn.in_domain is not None:
+            if self.in_domain is None:
+                self.in_domain = np.ones(len(self.redrawn), dtype=bool)
+            self.in_domain[start:stop] = np.asarray(drawn.in_domain)
+
+    def metrics(self, samples: int) -> dict[str, Any]:
+        """``out_of_domain`` (None without a condition density), ``redrawn_fraction``,
+        ``unresolved_events``."""
+        n = max(len(self.redrawn), 1)
+        return {
+            "out_of_domain": None if self.in_domain is None else float(1 - self.in_domain.mean()),
+            "redrawn_fraction": float(self.redrawn.sum() / (n * samples)),
+            "unresolved_events": int((self.unresolved > 0).sum()),
+        }
+
+    def table(self, rows: np.ndarray, error_name: str, error: np.ndarray) -> Any:
+        """One row an event: its data row, error, in-domain flag and redraw counts."""
+        import pandas as pd
+
+        frame = pd.DataFrame({"event": rows, error_name: error})
+        if self.in_domain is not None:
+            frame["in_domain"] = self.in_domain
+        frame["redrawn"] = self.redrawn
+        frame["unresolved"] = self.unresolved
+        return frame
 
 
 def _progress_bar(progress: bool, total: int) -> Any:
@@ -932,7 +977,10 @@ def sample_run(
     The output has columns ``event`` (the row's 0-based data row number in ``data``, also
     after ``drop_invalid``), ``sample`` and the target columns, one row per draw (``n``
     rows an event), in the user's frame and units, plus any columns of the system's
-    sampling options (CEI ``refine``: ``residual``, ``converged``, ``solution``). It is
+    sampling options (CEI ``refine``: ``residual``, ``converged``, ``solution``), and two
+    columns per event: ``in_domain`` (its conditions lie where the training ones did; absent
+    for a model without a condition density) and ``unresolved`` (draws that stayed outside
+    the training targets' region after redrawing; non-zero: do not trust them). It is
     written atomically; an existing file is replaced only with ``overwrite``, an input
     never. Returns the rows written.
     """
@@ -955,7 +1003,10 @@ def sample_run(
     with TableWriter(out) as writer:
         for start in range(0, len(table.y), chunk_events):
             stop = min(start + chunk_events, len(table.y))
-            xs = np.asarray(run.model.sample(table.y[start:stop], n=n, seed=seed + start))
+            drawn = run.model.sample(
+                table.y[start:stop], n=n, seed=seed + start, return_diagnostics=True
+            )
+            xs = np.asarray(drawn.samples)
             extra: dict[str, np.ndarray] = {}
             if hook_options:
                 context = EvaluationContext(
@@ -971,6 +1022,9 @@ def sample_run(
             frame.insert(0, "event", np.repeat(table.rows[start:stop], n))
             for name, values in extra.items():
                 frame[name] = np.asarray(values).T.reshape(-1)
+            if drawn.in_domain is not None:
+                frame["in_domain"] = np.repeat(np.asarray(drawn.in_domain), n)
+            frame["unresolved"] = np.repeat(np.asarray(drawn.unresolved), n)
             writer.write(frame)
             rows += len(frame)
     return rows

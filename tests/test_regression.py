@@ -4,8 +4,12 @@ The pinned values in ``data/regression_cei.json`` were produced by these very co
 (simulate, fit, evaluate with refinement and importance weights, sample, compare) before
 the run directories and the command line moved to the System interface; they changed
 there only by gaining the robust summaries (``ade_median``, ``ade_p95``,
-``failure_rate``). When a change is *meant* to move them (a new sampler, another
-calibration), re-pin them in the same commit and say why.
+``failure_rate``). They were re-pinned once since, on purpose: bounded affine steps in
+zuko-maf (a different model, which cannot run away), the cVAE's Gaussian decoder, and
+the per-event trust diagnostics (``out_of_domain``, ``redrawn_fraction``,
+``unresolved_events``; ``in_domain`` and ``unresolved`` columns of sample output). When a
+change is *meant* to move them (a new sampler, another calibration), re-pin them in the
+same commit and say why.
 """
 
 from __future__ import annotations
@@ -76,9 +80,10 @@ def test_evaluate_metrics(outputs) -> None:
 def test_sample_output(outputs) -> None:
     table, pinned = outputs["sample"], PINNED["sample"]
     assert len(table) == pinned["rows"] and list(table.columns) == pinned["columns"]
-    positions = table.drop(columns=["event", "sample"]).to_numpy()
+    positions = table.drop(columns=["event", "sample", "in_domain", "unresolved"]).to_numpy()
     assert positions.sum() == pytest.approx(pinned["sum"], rel=RTOL)
-    np.testing.assert_allclose(table.iloc[0].to_numpy(), pinned["first"], rtol=RTOL, atol=1e-9)
+    first = table.iloc[0].to_numpy(dtype=float)
+    np.testing.assert_allclose(first, pinned["first"], rtol=RTOL, atol=1e-9)
 
 
 def test_compare_table(outputs) -> None:

@@ -292,3 +292,27 @@ def test_a_loaded_model_matches_its_run(run_dir):
     run = load_run(run_dir)
     assert isinstance(run.model, fr.ConditionalGenerator)
     assert run.system.x_columns == POSITION_COLUMNS
+
+
+def test_evaluate_and_sample_flag_events_outside_the_training_conditions(tmp_path, run_dir, data):
+    table = pd.read_parquet(data)
+    split = np.load(run_dir / "split.npz")
+    held_out = table.iloc[split["test"][:10]].copy()
+    far = held_out.copy()
+    far[list(MOMENTUM_COLUMNS)] *= 3.0  # a harder channel than any training event
+    mixed = pd.concat([held_out, far], ignore_index=True)
+    path = tmp_path / "mixed.csv"
+    write_table(mixed, path)
+    ev = evaluate_run(run_dir, path, samples=4, device="cpu", out=tmp_path / "ev")
+    events = pd.read_csv(tmp_path / "ev" / "events.csv")
+    assert list(events.columns) == ["event", "ade", "in_domain", "redrawn", "unresolved"]
+    assert events["event"].tolist() == list(range(20))
+    assert not events["in_domain"].iloc[10:].any() and events["in_domain"].iloc[:10].mean() > 0.5
+    assert ev.metrics["out_of_domain"] == pytest.approx(1 - events["in_domain"].mean())
+    assert "lie outside the training conditions" in (tmp_path / "ev" / "report.md").read_text()
+    sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu")
+    drawn = pd.read_csv(tmp_path / "s.csv")
+    flags = drawn.groupby("event")["in_domain"].agg(["min", "max"])
+    assert (flags["min"] == flags["max"]).all()  # one flag an event, on each of its draws
+    assert not flags["min"].iloc[10:].any()
+    assert (drawn["unresolved"] >= 0).all()
