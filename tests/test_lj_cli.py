@@ -142,6 +142,7 @@ def test_evaluate_reports_physics_per_condition(lj_run, tmp_path):
     assert np.isfinite(metrics["nll"])
     assert 0.0 <= metrics["anomaly_auc"] <= 1.0 and metrics["anomaly_auc_energy"] > 0.55
     assert "latent_silhouette" not in metrics  # a flow has no encoder
+    assert metrics["out_of_domain"] is None and 0.0 <= metrics["redrawn_fraction"] <= 1.0
     for name in ("report.md", "lj_energy.png", "lj_density.png", "lj_pairs.png"):
         assert (out / name).is_file(), name
 
@@ -154,7 +155,8 @@ def test_sample_takes_conditions_only(lj_run, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out)
-    assert list(table.columns) == ["event", "sample", *COORDS]
+    # No condition density for LJ, so no in_domain column; guarded draws: none unresolved.
+    assert list(table.columns) == ["event", "sample", *COORDS, "unresolved"]
     assert table["event"].tolist() == [0, 0, 0, 1, 1, 1]
     heights = table[[f"z{i}" for i in range(4)]].to_numpy()
     assert (np.diff(heights, axis=1) >= 0).all()  # canonical order: sorted by height
