@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path("benchmarks/results/lj_data"))
     parser.add_argument("--figures", type=Path, default=None, help="write figures here")
+    parser.add_argument("--stem", default=None, help="result file name [lj_generation(_quick)]")
+    parser.add_argument("--save-models", type=Path, default=None, help="save fitted models here")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"== {run['label']}: fitting for {minutes} min (load {load[0]:.2f})", flush=True)
         model, info = fit(run, table, minutes, args.seed)
         info.update(minutes=minutes, load_before=load, load_after_fit=os.getloadavg())
+        if args.save_models is not None:
+            args.save_models.mkdir(parents=True, exist_ok=True)
+            model.save(args.save_models / f"{run['label'].split(' ')[0]}.pt")
         system, prepared = info.pop("system"), info.pop("prepared")
         test = info.pop("test")
         draws = args.draws if run["model"] in ONE_PASS else min(args.draws, args.ar_draws)
@@ -337,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     text = report(results, args, env)
-    write_results(args.out, "lj_generation_quick" if args.quick else "lj_generation", payload, text)
+    stem = args.stem or ("lj_generation_quick" if args.quick else "lj_generation")
+    write_results(args.out, stem, payload, text)
     print(text)
     return payload
 
