@@ -122,10 +122,20 @@ def plan(models: list[str], ablation: bool, physics: float) -> list[dict]:
     return runs
 
 
-def fit(run: dict, table: pd.DataFrame, minutes: float, seed: int) -> tuple[object, dict]:
+def fit(
+    run: dict, table: pd.DataFrame, minutes: float, seed: int, saved: Path | None = None
+) -> tuple[object, dict]:
+    """Fits the run's model, or loads ``saved`` (a model this script saved) instead."""
     system = make_system(order="none" if run["representation"] == "raw" else "height")
     prepared = system.prepare(table)
     train, val, test = system.split(prepared, seed)
+    if saved is not None:
+        model = fr.load(saved, device="cpu")
+        h = model.history_
+        info = {"fit_seconds": h.seconds, "fit_cpu_seconds": math.nan, "epochs": h.epochs}
+        info["best_val"] = float(min(h.val.get("loss", [math.nan]) or [math.nan]))
+        info.update(train_rows=len(train), test_rows=len(test), loaded=str(saved))
+        return model, {"system": system, "prepared": prepared, "test": test, **info}
     transform = chamber_transform_name(3, 5.0) if run["representation"] == "chamber" else "none"
     xcols, ycols = list(system.x_columns), list(system.y_columns)
     x, y = prepared[xcols].to_numpy(), prepared[ycols].to_numpy()
@@ -258,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figures", type=Path, default=None, help="write figures here")
     parser.add_argument("--stem", default=None, help="result file name [lj_generation(_quick)]")
     parser.add_argument("--save-models", type=Path, default=None, help="save fitted models here")
+    parser.add_argument(
+        "--load-models", type=Path, default=None, help="evaluate models saved here, no fitting"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -275,7 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
         minutes = min(budgets.get(key, args.minutes), args.minutes)
         load = os.getloadavg()
         print(f"== {run['label']}: fitting for {minutes} min (load {load[0]:.2f})", flush=True)
-        model, info = fit(run, table, minutes, args.seed)
+        saved = None
+        if args.load_models is not None:
+            saved = args.load_models / f"{run['label'].split(' ')[0]}.pt"
+            print(f"   loading {saved} instead of fitting", flush=True)
+        model, info = fit(run, table, minutes, args.seed, saved)
         info.update(minutes=minutes, load_before=load, load_after_fit=os.getloadavg())
         if args.save_models is not None:
             args.save_models.mkdir(parents=True, exist_ok=True)
