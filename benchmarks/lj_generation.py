@@ -131,6 +131,8 @@ def fit(
     train, val, test = system.split(prepared, seed)
     if saved is not None:
         model = fr.load(saved, device="cpu")
+        if not system.fit_options.get("support", True):
+            model.support_ = None  # as fitted now: only non-finite draws are redrawn
         h = model.history_
         info = {"fit_seconds": h.seconds, "fit_cpu_seconds": math.nan, "epochs": h.epochs}
         info["best_val"] = float(min(h.val.get("loss", [math.nan]) or [math.nan]))

@@ -537,6 +537,7 @@ class ConditionalGenerator:
         val_fraction: float = 0.15,
         calibrate: bool = True,
         condition_density: bool | Mapping[str, Any] = True,
+        support: bool = True,
         **train_kwargs: Any,
     ) -> ConditionalGenerator:
         """Builds preprocessing and estimator from the data and trains; returns self.
@@ -558,6 +559,11 @@ class ConditionalGenerator:
                 those of ``Density`` (transforms, hidden, hidden_layers, bins, quantile)
                 and of ``Density.fit`` (epochs, batch_size, lr, patience, max_minutes,
                 max_rows); see `CONDITION_DENSITY` for the defaults. False skips it.
+            support: Learn the sane region of model space from the training targets
+                (`flowrecon.guard`), outside which `sample` draws again. False redraws
+                only non-finite draws: for targets whose pair transform already bounds
+                them in the user's space, where a far draw in model space is a valid
+                extreme (a particle against a wall), not a numerical runaway.
             **train_kwargs: Options of `flowrecon.training.train` (epochs, batch_size,
                 lr, patience, min_delta, clip_grad, l1, l2, physics_loss,
                 physics_weights, max_minutes, checkpoint_path, quiet, ...), overriding
@@ -615,7 +621,7 @@ class ConditionalGenerator:
             self.device_, self.preprocessing_, self.estimator_ = device, pipeline, estimator
             self.history_ = History()
             self.temperature_ = 1.0
-            self.support_ = Support.fit(xm)
+            self.support_ = Support.fit(xm) if support else None
             self.condition_scale_ = ym.abs().amax(0).double().clamp_min(1.0)
             self.condition_density_ = None
             self.calibration_ = None

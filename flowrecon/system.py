@@ -66,7 +66,7 @@ __all__ = [
 ENTRY_POINT_GROUP = "flowrecon.systems"
 
 #: Options of `flowrecon.ConditionalGenerator.fit` a System may set (``System.fit_options``).
-FIT_OPTIONS: tuple[str, ...] = ("calibrate", "condition_density")
+FIT_OPTIONS: tuple[str, ...] = ("calibrate", "condition_density", "support")
 
 #: The system used when none is named: Coulomb explosion imaging.
 DEFAULT_SYSTEM = "cei"
@@ -207,9 +207,9 @@ class System:
         cli_flags: Command-line flags kept as spellings of system options, flag ->
             option name (e.g. ``{"--charges": "charges"}``); ``--set`` reaches them all.
         fit_options: Keyword arguments of `flowrecon.ConditionalGenerator.fit` beyond the
-            training loop's that ``fit`` uses for this system, e.g. ``{"calibrate":
-            False}`` where a sampling temperature would change the physics the model
-            must reproduce; recorded in ``config.json``.
+            training loop's (`FIT_OPTIONS`) that ``fit`` uses for this system, e.g.
+            ``{"calibrate": False}`` where a sampling temperature would change the physics
+            the model must reproduce; recorded in ``config.json``.
         units: Unit of the system's own options, for help texts.
     """
 

@@ -744,6 +744,7 @@ class _Objective:
                 d["y_val"],
                 calibrate=False,  # below, once training is known to have ended well
                 condition_density=self.job.fit_options.get("condition_density", True),
+                support=self.job.fit_options.get("support", True),
                 quiet=True,
                 on_epoch=_Reporter(trial),
                 **training,
@@ -1533,8 +1534,8 @@ def tune(
         training: Fixed training options (epochs, patience, max_minutes, ...).
         generator_options: ``transform``, ``x_scaler``, ``y_scaler``, ``whitening``,
             ``device`` of every trial's generator.
-        fit_options: ``calibrate`` and ``condition_density`` as `fit` takes them (a
-            System's ``fit_options``); by default both on, as in `fit`.
+        fit_options: ``calibrate``, ``condition_density`` and ``support`` as `fit` takes
+            them (a System's ``fit_options``); by default all on, as in `fit`.
         include_default: Queue the default configuration as the study's first trial.
         heartbeat_interval: Seconds between a running trial's heartbeats; a trial silent
             for three intervals is failed and queued again. None turns heartbeats off.

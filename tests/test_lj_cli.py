@@ -117,7 +117,11 @@ def test_fit_records_lj_choices_and_keeps_chains_whole(lj_run, lj_data):
     config = json.loads(open(f"{lj_run}/config.json").read())
     assert config["system"]["name"] == "lj"
     assert config["preprocessing"]["transform"] == "lj-chamber-d3-L3"
-    assert config["fit_options"] == {"calibrate": False, "condition_density": False}
+    assert config["fit_options"] == {
+        "calibrate": False,
+        "condition_density": False,
+        "support": False,
+    }
     assert config["result"]["temperature"] == 1.0
     split = np.load(f"{lj_run}/split.npz")
     chain = pd.read_parquet(lj_data)["chain"].to_numpy()

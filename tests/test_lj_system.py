@@ -37,7 +37,11 @@ def test_factory_signature_and_options():
     assert system.y_columns == ("gamma", "temperature")
     assert system.options["gamma"] == [0.05, 0.5] and system.transform == "lj-chamber-d2-L8"
     assert make_lj(order="none").transform is None  # raw labels: no ordered chamber
-    assert make_lj().fit_options == {"calibrate": False, "condition_density": False}
+    assert make_lj().fit_options == {
+        "calibrate": False,
+        "condition_density": False,
+        "support": False,
+    }
     with pytest.raises(ValueError, match="unknown fit option"):
         System("s", "", ("a",), ("b",), fit_options={"calibrated": False})
     with pytest.raises(ValueError, match="order must be one of"):
