@@ -486,6 +486,12 @@ def _config_checked(cfg: Any, model: str) -> tuple[dict[str, Any], dict[str, Any
     metavar="TERM=W",
     help="Weight of a physics loss term of the system, repeatable.",
 )
+@click.option(
+    "--learned-prior/--no-learned-prior",
+    default=True,
+    show_default=True,
+    help="Also learn the prior over targets from the training split (prior.pt).",
+)
 @_SYSTEM_OPTION
 @_SET_OPTION
 @click.option("--seed", type=_SEED, default=None, help="Seed of split, initialisation, batches.")
@@ -505,6 +511,7 @@ def fit(
     x_scaler: str | None,
     y_scaler: str | None,
     physics_pairs: tuple[str, ...],
+    learned_prior: bool,
     system_spec: str | None,
     set_pairs: tuple[str, ...],
     seed: int | None,
@@ -550,6 +557,7 @@ def fit(
         overwrite=overwrite,
         quiet=quiet,
         progress=_show_progress(quiet),
+        learned_prior=learned_prior,
     )
     result = run.config["result"]
     if not quiet:
@@ -562,7 +570,8 @@ def fit(
             f"at epoch {result['best_epoch']}; sampling temperature "
             f"{result['temperature']:.3g} ({how})"
         )
-        click.echo(f"wrote {out}/model.pt, config.json, history.csv and learning curves")
+        prior = ", prior.pt (the learned prior)" if run.prior is not None else ""
+        click.echo(f"wrote {out}/model.pt{prior}, config.json, history.csv and learning curves")
         if result.get("message"):
             click.echo(result["message"])
     if run.interrupted:

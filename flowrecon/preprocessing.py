@@ -367,7 +367,8 @@ class Pipeline:
             self.whitening: Whitening | None = Whitening() if whitening else None
         else:
             self.whitening = Whitening(float(whitening))
-        self.transform_name = transform
+        self.transform = transform  # as given; fit resolves it into transform_name
+        self.transform_name: str | None = None
         self.pair: PairTransform = PairTransform()
         self.x_dim = self.y_dim = self.model_x_dim = self.model_y_dim = 0
 
@@ -376,7 +377,7 @@ class Pipeline:
         _check_2d(x, "x")
         _check_2d(y, "y")
         self.x_dim, self.y_dim = x.shape[1], y.shape[1]
-        name = resolve_transform(self.transform_name)
+        name = resolve_transform(self.transform)
         self.transform_name = name
         self.pair = PairTransform() if name is None else make_pair_transform(name)
         self.pair.fit(x, y)
@@ -440,7 +441,7 @@ class Pipeline:
         if state["whitening"] is not None:
             p.whitening = Whitening.from_state(state["whitening"])
         name = state["transform"]["name"]
-        p.transform_name = name
+        p.transform = p.transform_name = name
         p.pair = PairTransform() if name is None else make_pair_transform(name)
         p.pair.load_state_dict(state["transform"]["state"])
         p.x_dim, p.y_dim = state["x_dim"], state["y_dim"]

@@ -86,11 +86,15 @@ def _inside(path: Path, directory: Path) -> bool:
     return True
 
 
-def _check_writable(out: Path, option: str) -> None:
-    """Fails early when the output cannot be created (before hours of work, not after)."""
-    parent = out if out.is_dir() else out.parent
+def _check_writable(folder: Path, option: str, out: Path | None = None) -> None:
+    """Fails early when ``folder`` (made if missing) cannot take the output ``out``
+    (before hours of work, not after)."""
+    out = folder if out is None else out
+    parent = folder
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {out}: {parent} is a file, not a folder to write in")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{option} {out}: cannot write in {parent} (permission denied)")
 
@@ -113,7 +117,7 @@ def check_output_dir(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{option} {out}: is a file, expected a directory")
-    _check_writable(out.parent, option)
+    _check_writable(out.parent, option, out)
     for item in inputs:
         if item is not None and _inside(Path(item), out):
             raise OutputError(
@@ -147,7 +151,7 @@ def check_output_file(
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{option} {out}: is a directory, expected a file name")
-    _check_writable(out.parent, option)
+    _check_writable(out.parent, option, out)
     for item in inputs:
         if item is None:
             continue

@@ -26,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +273,16 @@ class Run:
     config: dict[str, Any]
     split: dict[str, np.ndarray] = field(default_factory=dict)
     system: System | None = None
+    prior: Any = None  # the learned prior (`flowrecon.density.Density`), or None
+
+    @property
+    def log_prior(self) -> Callable[[Any], np.ndarray] | None:
+        """The learned log-prior over x (`flowrecon.learned_prior.log_prior`), or None."""
+        if self.prior is None or self.system is None:
+            return None
+        from flowrecon.learned_prior import log_prior
+
+        return log_prior(self.system, self.prior)
 
     @property
     def interrupted(self) -> bool:
@@ -329,7 +341,10 @@ def load_run(
                 "to load_run(..., system=...)"
             )
         system = make_system(spec, **dict(info.get("options") or {}))
-    return Run(directory=run_dir, model=model, config=config, split=split, system=system)
+    from flowrecon.learned_prior import load_prior
+
+    prior = load_prior(run_dir, system, device=str(model.device_))
+    return Run(run_dir, model, config, split, system, prior)
 
 
 # -- fit -----------------------------------------------------------------------------------
@@ -465,6 +480,7 @@ def fit_run(
     overwrite: bool = False,
     quiet: bool = False,
     progress: bool = False,
+    learned_prior: bool = True,
 ) -> Run:
     """Fits ``model`` on a system's data with the system's split and writes a run directory.
 
@@ -487,6 +503,9 @@ def fit_run(
         overwrite: Replace an earlier run at ``out``.
         quiet: No progress bar.
         progress: Show progress bars (the CLI sets it when on a terminal).
+        learned_prior: Also fit the learned prior over x (`flowrecon.learned_prior`) on
+            the training split, for systems that declare prior features; saved as
+            ``prior.pt``.
 
     Returns:
         The `Run`. Training interrupted by Ctrl-C or SIGTERM still gives a complete run,
@@ -540,9 +559,49 @@ def fit_run(
             seed,
             preprocessing,
         )
+        prior = None
+        if learned_prior and system_obj.prior_features is not None:
+            prior = _fit_learned_prior(
+                system_obj, generator, x[train_idx], x[val_idx], options, stage
+            )
+            config["prior"] = prior[1] if prior else None
+            prior = prior[0] if prior else None
         _write_run_files(generator, config, stage)
     split = {"train": train_idx, "val": val_idx, "test": test_idx}
-    return Run(out, generator, config, split, system_obj)
+    return Run(out, generator, config, split, system_obj, prior)
+
+
+def _fit_learned_prior(
+    system: System,
+    generator: Any,
+    x_train: np.ndarray,
+    x_val: np.ndarray,
+    options: Mapping[str, Any],
+    stage: Path,
+) -> tuple[Any, dict[str, Any]] | None:
+    """The learned prior of a fresh run, saved into ``stage``; None when it is skipped."""
+    from flowrecon.density import MIN_ROWS
+    from flowrecon.learned_prior import PRIOR_FILE, PRIOR_OPTIONS, fit_prior, record
+
+    if generator.history_.stopped == "interrupted":
+        warnings.warn("training was interrupted: the run has no learned prior", stacklevel=3)
+        return None
+    budget = dict(PRIOR_OPTIONS)
+    if options.get("max_minutes") is not None:  # a quarter of the training budget at most
+        budget["max_minutes"] = min(budget["max_minutes"], 0.25 * options["max_minutes"])
+    if len(x_train) < MIN_ROWS:
+        warnings.warn(
+            f"{len(x_train)} training rows are too few for a learned prior (at least "
+            f"{MIN_ROWS}): the run has none",
+            stacklevel=3,
+        )
+        return None
+    density = fit_prior(system, x_train, x_val, device=str(generator.device_), **budget)
+    if density.history_.stopped == "interrupted":
+        warnings.warn("interrupted while fitting the learned prior: the run has none", stacklevel=3)
+        return None
+    density.save(stage / PRIOR_FILE)
+    return density, record(density, budget)
 
 
 def _write_run_files(generator: Any, config: dict[str, Any], stage: Path) -> None:
@@ -676,6 +735,36 @@ def _events_to_evaluate(run: Run, data, drop_invalid: bool) -> tuple[Table, str]
     return _subset(table, np.flatnonzero(~used)), what
 
 
+def _representable_rows(model: Any, table: Table, drop_invalid: bool, data: Any) -> Table:
+    """The rows whose conditions the model can represent; the others dropped and counted
+    with ``drop_invalid``, else a one-line error naming their data rows."""
+    ok = np.asarray(model.representable(table.y), dtype=bool)
+    if ok.all():
+        return table
+    bad = table.rows[~ok]
+    if not drop_invalid:
+        # 1-based data rows, as every message about a file's rows (flowrecon.data), and
+        # the event id (0-based) that sample and evaluate outputs would give them.
+        named = ", ".join(f"{int(r) + 1} (event {int(r)})" for r in bad[:3])
+        more = ", ..." if len(bad) > 3 else ""
+        some = (
+            f"1 row (data row {named}) has"
+            if len(bad) == 1
+            else (f"{len(bad)} rows (data rows {named}{more}) have")
+        )
+        raise ValueError(
+            f"{data}: {some} conditions beyond what the model can represent (over 1e6 "
+            "times the training range, or overflowing); remove them or pass --drop-invalid"
+        )
+    if not ok.any():
+        raise ValueError(f"{data}: no row has conditions the model can represent")
+    log.warning(
+        "dropped %d rows the model cannot represent (events %s)", len(bad), bad[:5].tolist()
+    )
+    kept = _subset(table, np.flatnonzero(ok))
+    return dataclasses.replace(kept, n_dropped=table.n_dropped + len(bad))
+
+
 def _subset(table: Table, idx: np.ndarray) -> Table:
     return Table(
         table.frame.iloc[idx].reset_index(drop=True),
@@ -738,6 +827,10 @@ def evaluate_run(
     inputs = [data, run.directory / "model.pt", run.directory / "config.json"]
     check_output_dir(out, kind="evaluation", overwrite=overwrite, inputs=inputs)
     table, what = _events_to_evaluate(run, data, drop_invalid)
+    n_before = len(table.y)
+    table = _representable_rows(run.model, table, drop_invalid, data or "the run's data")
+    if len(table.y) < n_before:
+        what += f" ({n_before - len(table.y)} rows beyond the model's range dropped)"
     if max_events is not None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, got {max_events}")
@@ -791,7 +884,7 @@ def _evaluate(
     n_events = len(y)
     context = EvaluationContext(
         model, x, y, samples, seed, run.config, table.rows, table.frame, progress,
-        training_rows(run),
+        training_rows(run), run.log_prior,
     )  # fmt: skip
     evaluator = system.evaluator(context, **options) if system.evaluator else None
     shown = np.sort(
@@ -831,6 +924,8 @@ def _evaluate(
     example_draws = np.stack([kept[int(i)] for i in shown], 1) if len(shown) else None
     text, examples_text = _texts(system, evaluator, metrics, example_draws, shown, context)
     events = diagnostics.table(table.rows, system.error_name, system.event_error(post_mean, x))
+    for name, values in getattr(evaluator, "event_columns", dict)().items():
+        events[name] = values
     return EvaluationResult(
         metrics,
         text,
@@ -997,8 +1092,9 @@ def sample_run(
     inputs = [data, *(run.directory / f for f in ("model.pt", "config.json", "split.npz"))]
     out = check_output_file(out, overwrite=overwrite, inputs=inputs)
     table = read_system_table(run.system, data, require_x=False, drop_invalid=drop_invalid)
+    table = _representable_rows(run.model, table, drop_invalid, data)
     x_cols = list(run.system.x_columns)
-    loader = training_rows(run)
+    loader, log_prior = training_rows(run), run.log_prior
     rows = 0
     with TableWriter(out) as writer:
         for start in range(0, len(table.y), chunk_events):
@@ -1008,10 +1104,10 @@ def sample_run(
             )
             xs = np.asarray(drawn.samples)
             extra: dict[str, np.ndarray] = {}
-            if hook_options:
+            if run.system.sampler is not None:
                 context = EvaluationContext(
                     run.model, None, table.y[start:stop], n, seed, run.config,
-                    table.rows[start:stop], training_rows=loader,
+                    table.rows[start:stop], training_rows=loader, log_prior=log_prior,
                 )  # fmt: skip
                 xs, extra = run.system.sampler(context, xs, **hook_options)
             b = stop - start

@@ -107,6 +107,8 @@ class Evaluator(Protocol):
 
     # Optional: ``examples_text(examples, shown) -> str`` describes the example events
     # (their draws ``(n, len(shown), Dx)``); without it a generic table is printed.
+    # Optional: ``event_columns() -> {name: (B,) array}`` adds per-event columns to
+    # events.csv (after ``finish``).
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class EvaluationContext:
         progress: Whether progress bars may be shown.
         training_rows: ``training_rows() -> (x, y)`` of the run's training split, read
             when called; None when the run's data file is not available.
+        log_prior: The run's learned log-prior over x (`flowrecon.learned_prior`), or None
+            for a run without one.
     """
 
     model: Any
@@ -137,6 +141,7 @@ class EvaluationContext:
     frame: Any = None
     progress: bool = False
     training_rows: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    log_prior: Callable[[Any], np.ndarray] | None = None
 
 
 def row_split(
@@ -201,7 +206,8 @@ class System:
         physics_loss: ``physics_loss() -> callable`` for `flowrecon.training.train`.
         prior_features: ``prior_features(x) -> (features, log_jacobian)``: coordinates
             in which ``fit`` learns an unconditional prior of x, and log|d features / d x|
-            on the manifold of x the prior is a density on; None learns it in model space.
+            on the manifold of x the prior is a density on (`flowrecon.learned_prior`);
+            None: runs of this system have no learned prior.
         options: The options this System was made with (plain values), kept in
             ``config.json`` so that ``evaluate`` and ``sample`` remake the same System.
         cli_flags: Command-line flags kept as spellings of system options, flag ->

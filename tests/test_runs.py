@@ -164,6 +164,9 @@ def test_cli_refuses_to_overwrite_files(tmp_path):
     forced = ["simulate", "--n", "7", "--out", str(out), "--overwrite", "--quiet"]
     assert runner.invoke(main, forced).exit_code == 0
     assert len(pd.read_csv(out)) == 7
+    under = runner.invoke(main, ["simulate", "--n", "5", "--out", str(out / "x.csv")])
+    assert under.exit_code == 1 and "is a file, not a folder to write in" in under.output
+    assert under.output.count("\n") == 1
 
 
 def test_a_folder_of_user_files_is_never_replaced(tmp_path, data):
@@ -305,7 +308,9 @@ def test_evaluate_and_sample_flag_events_outside_the_training_conditions(tmp_pat
     write_table(mixed, path)
     ev = evaluate_run(run_dir, path, samples=4, device="cpu", out=tmp_path / "ev")
     events = pd.read_csv(tmp_path / "ev" / "events.csv")
-    assert list(events.columns) == ["event", "ade", "in_domain", "redrawn", "unresolved"]
+    assert list(events.columns) == [
+        "event", "ade", "in_domain", "redrawn", "unresolved", "energy_flagged"
+    ]  # fmt: skip
     assert events["event"].tolist() == list(range(20))
     assert not events["in_domain"].iloc[10:].any() and events["in_domain"].iloc[:10].mean() > 0.5
     assert ev.metrics["out_of_domain"] == pytest.approx(1 - events["in_domain"].mean())
@@ -316,3 +321,61 @@ def test_evaluate_and_sample_flag_events_outside_the_training_conditions(tmp_pat
     assert (flags["min"] == flags["max"]).all()  # one flag an event, on each of its draws
     assert not flags["min"].iloc[10:].any()
     assert (drawn["unresolved"] >= 0).all()
+
+
+def test_fit_learns_a_prior_that_user_data_evaluations_use(tmp_path, run_dir, data):
+    from flowrecon.learned_prior import PRIOR_FILE
+
+    run = load_run(run_dir)
+    assert (run_dir / PRIOR_FILE).is_file() and run.config["prior"]["file"] == PRIOR_FILE
+    x = pd.read_parquet(data)[list(POSITION_COLUMNS)].to_numpy()[:5]
+    assert np.isfinite(run.log_prior(x)).all()
+    ev = evaluate_run(run_dir, samples=4, device="cpu", out=tmp_path / "ev", options={
+        "weights": True, "noise": 0.01})  # fmt: skip
+    assert ev.metrics["weights_prior"] == "learned"  # user data: what the training data say
+    bare = tmp_path / "bare"
+    _fit(bare, data, learned_prior=False)
+    assert not (bare / PRIOR_FILE).exists() and load_run(bare).log_prior is None
+    ev = evaluate_run(bare, samples=4, device="cpu", options={"weights": True, "noise": 0.01})
+    assert ev.metrics["weights_prior"] == "flat"
+    with pytest.raises(ValueError, match="needs a run with a learned prior"):
+        evaluate_run(bare, samples=4, device="cpu", overwrite=True, options={"prior": "learned"})
+
+
+def test_a_damaged_learned_prior_is_one_line(tmp_path, data):
+    out = tmp_path / "run"
+    _fit(out, data)
+    (out / "prior.pt").write_bytes(b"not a prior")
+    with pytest.raises(ValueError, match="prior.pt: not a readable learned prior") as err:
+        load_run(out)
+    assert "\n" not in str(err.value)
+
+
+def test_cei_draws_far_from_the_measured_energy_are_flagged():
+    from flowrecon.system import EvaluationContext
+
+    system = make_system("cei", momentum_noise=0.01)
+    table = system.simulate(50, seed=2)
+    x, y = table[list(POSITION_COLUMNS)].to_numpy(), table[list(MOMENTUM_COLUMNS)].to_numpy()
+    context = EvaluationContext(None, None, y, 2, 0, {"data": {"builtin": system.builtin}})
+    draws = np.stack([x, 1.3 * x])  # the truth, and a geometry 30 % too large
+    _, extra = system.sampler(context, draws)
+    assert extra["energy_mismatch"].shape == (2, 50)
+    assert not extra["energy_flag"][0].any()  # within 8 sigma of 1 % noise
+    assert extra["energy_flag"][1].all()  # PE 23 % low: far beyond the noise
+
+
+def test_conditions_beyond_the_model_are_refused_or_dropped_by_data_row(tmp_path, run_dir, data):
+    table = pd.read_parquet(data).head(12)
+    table.loc[5, "pcx"] = 1e300
+    path = tmp_path / "huge.csv"
+    write_table(table, path)
+    with pytest.raises(ValueError, match=r"1 row \(data row 6 \(event 5\)\) has conditions"):
+        sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu")
+    sample_run(run_dir, path, tmp_path / "s.csv", n=2, device="cpu", drop_invalid=True)
+    events = pd.read_csv(tmp_path / "s.csv")["event"].unique().tolist()
+    assert events == [0, 1, 2, 3, 4, *range(6, 12)] and not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match=r"data row 6 \(event 5\)"):
+        evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e")
+    ev = evaluate_run(run_dir, path, samples=3, device="cpu", out=tmp_path / "e", drop_invalid=True)
+    assert "1 rows beyond the model's range dropped" in ev.events

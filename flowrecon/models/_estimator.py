@@ -11,6 +11,9 @@ adapter only wraps one library's network. Shapes:
   latent draw is scaled by ``temperature`` (z ~ N(0, temperature^2 I)).
 - ``log_prob(x, y)`` returns ``(B,)`` natural-log densities including every constant;
   estimators without a density (the cVAE) set ``has_density = False`` and raise.
+- ``to_latent(x, y)`` returns ``(z, log|det dz/dx|)``, each row's latent point and
+  log-Jacobian: estimators with a density implement it, so that tempered densities
+  (``temperature != 1``) can be evaluated.
 
 Log-Jacobian convention: for a flow z = f(x; y), ``log_prob(x, y) = log N(f(x); 0, I) +
 log|det df/dx|``, the log-determinant taken of the map from x (data) to z (latent).
@@ -46,6 +49,10 @@ class Estimator(nn.Module):
 
     def sample(self, n: int, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
+
+    def to_latent(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log|det dz/dx|)`` of each row, ``(B, x_dim)`` and ``(B,)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent map")
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:

@@ -388,6 +388,13 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "mse": MetricInfo("bohr^2", "mean squared coordinate error"),
     "energy_diff": MetricInfo("ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
     "energy_diff2": MetricInfo("ratio", "mean ((KE - PE) / KE)^2"),
+    "energy_flagged_samples": MetricInfo(
+        "fraction", "draws whose |KE - PE| / KE is far beyond the momentum noise"
+    ),
+    "energy_flagged_events": MetricInfo(
+        "fraction", "events with more than half of their draws energy-flagged"
+    ),
+    "energy_flag_threshold": MetricInfo("ratio", "|KE - PE| / KE above which a draw is flagged"),
     "resim_residual": MetricInfo("ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
     "coverage_50": MetricInfo("fraction", "true coordinates inside the central 50 % interval"),
     "coverage_90": MetricInfo("fraction", "true coordinates inside the central 90 % interval"),

@@ -59,7 +59,7 @@ def internal_coordinates(positions: Any) -> tuple[np.ndarray, np.ndarray]:
         >>> np.round(f, 4).tolist()
         [2.0, 3.0017, -3.4016]
     """
-    x = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+    x = torch.as_tensor(np.array(positions, dtype=np.float64))  # a copy: inputs may be read-only
     if x.shape[-1] != 9:
         raise ValueError(f"positions must have 9 columns (C, O, S), got {x.shape[-1]}")
     atoms = x.reshape(*x.shape[:-1], 3, 3)

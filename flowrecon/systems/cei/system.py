@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ REFINED_KEYS = (
     "resim_residual",
 )
 
-Prior = Literal["ocs", "flat"]
+Prior = Literal["ocs", "flat", "learned"]
 
 
 def _check_charges(charges: Sequence[float]) -> tuple[float, float, float]:
@@ -141,9 +141,14 @@ def make_system(
         return CEIEvaluator(context, charges, refine, refine_samples, weights, noise, prior)
 
     def sampler(
-        context: EvaluationContext, samples: np.ndarray, *, refine: bool = False
+        context: EvaluationContext,
+        samples: np.ndarray,
+        *,
+        refine: bool = False,
+        noise: float | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return _refined_samples(samples, context.y, charges) if refine else (samples, {})
+        samples, extra = _refined_samples(samples, context.y, charges) if refine else (samples, {})
+        return samples, {**extra, **_energy_columns(samples, context, charges, noise)}
 
     def physics_loss() -> Any:
         from flowrecon.systems.cei.losses import physics_loss as cei_physics_loss
@@ -177,6 +182,7 @@ def make_system(
         sampler=sampler,
         physics_terms=("energy_diff2", "rel_err2"),
         physics_loss=physics_loss,
+        prior_features=_internal_coordinates,
         options={
             "charges": list(charges),
             "geometry": geometry,
@@ -195,6 +201,27 @@ def make_system(
             "--prior": "prior",
         },
     )
+
+
+def _noise(builtin: Mapping[str, Any] | None) -> float | None:
+    return (builtin or {}).get("momentum_noise")
+
+
+def _energy_columns(
+    samples: np.ndarray, context: EvaluationContext, charges: Sequence[float], noise: float | None
+) -> dict[str, np.ndarray]:
+    """``energy_mismatch`` |KE - PE| / KE of each draw and ``energy_flag`` (far beyond noise)."""
+    from flowrecon.systems.cei.physics import energy_difference, energy_flag_threshold
+
+    noise = noise if noise is not None else _noise(_builtin_spec(context.config))
+    mismatch = np.asarray(energy_difference(samples, context.y, tuple(charges)))
+    return {"energy_mismatch": mismatch, "energy_flag": mismatch > energy_flag_threshold(noise)}
+
+
+def _internal_coordinates(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    from flowrecon.systems.cei.prior import internal_coordinates
+
+    return internal_coordinates(x)
 
 
 def _builtin_spec(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -216,9 +243,11 @@ class CEIEvaluator:
             the model's density; report the weighted coverage and effective sample size.
         noise: Relative momentum resolution for the weights; default the built-in data
             set's.
-        prior: ``ocs`` (the simulated OCS geometry distribution) or ``flat``; default
-            ``ocs`` for runs on the built-in OCS data, else ``flat``. Refinement uses it to
-            choose among several exact solutions.
+        prior: ``ocs`` (the simulated OCS geometry distribution), ``learned`` (the run's
+            learned prior over the training geometries, `flowrecon.learned_prior`) or
+            ``flat``; default ``ocs`` for runs on the built-in OCS data, else ``learned``
+            (``flat`` for a run without a learned prior). Refinement uses it to choose
+            among several exact solutions, and the weights weigh by it.
     """
 
     def __init__(
@@ -232,9 +261,10 @@ class CEIEvaluator:
         prior: Prior | None,
     ) -> None:
         from flowrecon.systems.cei.metrics import CEIMetrics
+        from flowrecon.systems.cei.physics import energy_flag_threshold
 
         builtin = _builtin_spec(context.config)
-        self.prior = prior or ("ocs" if builtin and builtin.get("geometry") == "ocs" else "flat")
+        self.prior, self.log_prior = _resolve_prior(prior, builtin, context.log_prior)
         if refine_samples < 1:
             raise ValueError(f"refine_samples must be at least 1, got {refine_samples}")
         if weights:
@@ -253,9 +283,17 @@ class CEIEvaluator:
         self.weighted = {"hits50": 0.0, "hits90": 0.0, "ess": [], "mean": np.empty((n, 9))}
         self.metrics = CEIMetrics(context.x, context.y, charges=self.charges, coverage=False)
         self.post_mean: np.ndarray | None = None
+        self.energy_threshold = energy_flag_threshold(
+            noise if noise is not None else _noise(builtin)
+        )
+        self.energy_flagged = np.zeros(n)
 
     def update(self, start: int, stop: int, samples: np.ndarray) -> None:
+        from flowrecon.systems.cei.physics import energy_difference
+
         self.metrics.update(start, stop, samples)
+        mismatch = energy_difference(samples, self.context.y[start:stop], self.charges)
+        self.energy_flagged[start:stop] = (mismatch > self.energy_threshold).mean(0)
         self.refine_starts[:, start:stop] = samples[: self.k_refine]
         if self.weights:
             self._weigh(start, stop, samples)
@@ -268,7 +306,8 @@ class CEIEvaluator:
         acc, ctx = self.weighted, self.context
         p_obs, truth = ctx.y[start:stop], ctx.x[start:stop]
         log_q = ctx.model.log_prob(xs, np.broadcast_to(p_obs, xs.shape))
-        w = posterior_weights(xs, p_obs, log_q, self.noise, prior=self.prior, charges=self.charges)
+        prior = self.log_prior if self.log_prior is not None else "flat"
+        w = posterior_weights(xs, p_obs, log_q, self.noise, prior=prior, charges=self.charges)
         acc["hits50"] += weighted_coverage(xs, w.weights, truth, 0.5) * (stop - start)
         acc["hits90"] += weighted_coverage(xs, w.weights, truth, 0.9) * (stop - start)
         acc["ess"].append(w.ess)
@@ -279,10 +318,13 @@ class CEIEvaluator:
         self.post_mean = posterior_mean
         metrics = self.metrics.finish(resim_max_events=20_000, seed=ctx.seed)
         metrics.pop("nll", None)  # the generic evaluation reports nll
+        metrics["energy_flagged_samples"] = float(self.energy_flagged.mean())
+        metrics["energy_flagged_events"] = float((self.energy_flagged > 0.5).mean())
+        metrics["energy_flag_threshold"] = self.energy_threshold
         if self.refine:
             metrics.update(
                 _refined_metrics(
-                    self.refine_starts, ctx.x, ctx.y, self.charges, self.prior, _start_bank(ctx)
+                    self.refine_starts, ctx.x, ctx.y, self.charges, self.log_prior, _start_bank(ctx)
                 )
             )
         if self.weights:
@@ -301,6 +343,10 @@ class CEIEvaluator:
                 }
             )
         return metrics
+
+    def event_columns(self) -> dict[str, np.ndarray]:
+        """Per-event columns of events.csv: the fraction of draws energy-flagged."""
+        return {"energy_flagged": self.energy_flagged}
 
     def figures(
         self, out: Path, shown: Sequence[int], examples: np.ndarray | None
@@ -373,20 +419,43 @@ def _start_bank(context: EvaluationContext) -> Any:
     return _BANK["bank"]
 
 
+def _resolve_prior(
+    prior: str | None, builtin: Mapping[str, Any] | None, learned: Callable | None
+) -> tuple[str, Callable[[np.ndarray], np.ndarray] | None]:
+    """The prior's name and log-density over positions (None for ``flat``).
+
+    Default: the analytic OCS prior for the built-in OCS data, whose law it is; else the
+    run's learned prior, which is what the training data say; flat for a run without one.
+    """
+    from flowrecon.systems.cei.likelihood import ocs_log_prior
+
+    if prior is None:
+        if builtin and builtin.get("geometry") == "ocs":
+            prior = "ocs"
+        else:
+            prior = "learned" if learned is not None else "flat"
+    if prior not in ("ocs", "flat", "learned"):
+        raise ValueError(f"unknown prior {prior!r}; choose ocs, learned or flat")
+    if prior == "learned" and learned is None:
+        raise ValueError(
+            "prior 'learned' needs a run with a learned prior (prior.pt); this run has none: "
+            "fit it again (fit learns one unless --no-learned-prior), or use --prior ocs or flat"
+        )
+    return prior, {"ocs": ocs_log_prior, "learned": learned, "flat": None}[prior]
+
+
 def _refined_metrics(
     starts: np.ndarray,
     x_true: np.ndarray,
     p_obs: np.ndarray,
     charges: tuple[float, ...],
-    prior: str | None,
+    log_prior: Callable[[np.ndarray], np.ndarray] | None,
     bank: Any = None,
 ) -> dict[str, Any]:
     """Refine posterior samples and compute the point metrics of the refined predictions."""
-    from flowrecon.systems.cei.likelihood import ocs_log_prior
     from flowrecon.systems.cei.metrics import cei_metrics
     from flowrecon.systems.cei.refine import refine_posterior
 
-    log_prior = ocs_log_prior if prior == "ocs" else None
     refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior, bank=bank)
     # One refined prediction an event: a single "sample", so only point metrics apply.
     point = cei_metrics(refined.best[None], x_true, p_obs, charges=charges, resim_max_events=20_000)
