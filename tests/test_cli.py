@@ -229,7 +229,7 @@ def test_sample_writes_event_and_sample_ids(runner, tiny_run, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out)
-    assert list(table.columns) == ["event", "sample", *POSITION_COLUMNS, "in_domain", "unresolved"]
+    assert list(table.columns) == ["event", "sample", *POSITION_COLUMNS]
     assert len(table) == 12
     assert table["event"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert table["sample"].tolist() == [0, 1, 2, 3] * 3
