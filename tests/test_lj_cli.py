@@ -136,6 +136,7 @@ def test_evaluate_reports_physics_per_condition(lj_run, tmp_path):
     result = CliRunner().invoke(main, [*args, "--set", "reweight_samples=50"])
     assert result.exit_code == 0, result.output
     assert "held-out test events" in result.output
+    assert "anomaly AUC" in result.output and "exact U/T" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     conditions = metrics["conditions"]
     assert sorted(c["gamma"] for c in conditions) == [0.05, 0.25, 1.0]

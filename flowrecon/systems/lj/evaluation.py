@@ -513,8 +513,21 @@ class LJEvaluator:
         return made
 
     def table(self, metrics: Mapping[str, Any]) -> str:
-        """A markdown table of the per-condition metrics."""
-        return condition_table(metrics.get("conditions", []))
+        """A markdown table of the per-condition metrics, then the model checks."""
+        text = condition_table(metrics.get("conditions", []))
+        checks = []
+        if metrics.get("latent_silhouette") is not None:
+            checks.append(
+                f"latent silhouette of gamma {metrics['latent_silhouette']:.3f} (2 PCs "
+                f"{metrics['latent_silhouette_2pc']:.3f})"
+            )
+        if metrics.get("anomaly_auc") is not None:
+            checks.append(
+                f"anomaly AUC {metrics['anomaly_auc']:.3f} against configurations displaced "
+                f"by {metrics['anomaly_noise']:g} sigma (exact U/T: "
+                f"{metrics['anomaly_auc_energy']:.3f})"
+            )
+        return text + ("\n\n" + "; ".join(checks) if checks else "")
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
