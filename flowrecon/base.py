@@ -537,6 +537,7 @@ class ConditionalGenerator:
         val_fraction: float = 0.15,
         calibrate: bool = True,
         condition_density: bool | Mapping[str, Any] = True,
+        support: bool = True,
         **train_kwargs: Any,
     ) -> ConditionalGenerator:
         """Builds preprocessing and estimator from the data and trains; returns self.
@@ -558,6 +559,11 @@ class ConditionalGenerator:
                 those of ``Density`` (transforms, hidden, hidden_layers, bins, quantile)
                 and of ``Density.fit`` (epochs, batch_size, lr, patience, max_minutes,
                 max_rows); see `CONDITION_DENSITY` for the defaults. False skips it.
+            support: Learn the sane region of model space from the training targets
+                (`flowrecon.guard`), outside which `sample` draws again. False redraws
+                only non-finite draws: for targets whose pair transform already bounds
+                them in the user's space, where a far draw in model space is a valid
+                extreme (a particle against a wall), not a numerical runaway.
             **train_kwargs: Options of `flowrecon.training.train` (epochs, batch_size,
                 lr, patience, min_delta, clip_grad, l1, l2, physics_loss,
                 physics_weights, max_minutes, checkpoint_path, quiet, ...), overriding
@@ -615,7 +621,7 @@ class ConditionalGenerator:
             self.device_, self.preprocessing_, self.estimator_ = device, pipeline, estimator
             self.history_ = History()
             self.temperature_ = 1.0
-            self.support_ = Support.fit(xm)
+            self.support_ = Support.fit(xm) if support else None
             self.condition_scale_ = ym.abs().amax(0).double().clamp_min(1.0)
             self.condition_density_ = None
             self.calibration_ = None
@@ -901,6 +907,71 @@ class ConditionalGenerator:
                 out.append(lp.to(torch.float64) + pipe.log_abs_det_x(xc, yc))
         lp = torch.cat(out) if out else xf.new_zeros(0)
         return _output(lp.reshape(shape), x)
+
+    @property
+    def has_latent(self) -> bool:
+        """Whether the model has an encoder q(z | x, y) (the cVAE), so `latent` works."""
+        self._check_fitted("has_latent")
+        return callable(getattr(self.estimator_, "encode", None))
+
+    def _model_rows(self, x: Any, y: Any, max_chunk: int | None) -> Iterator[tuple]:
+        """Chunks ``(user x, user y, model x, model y)`` of rows x ``(B, Dx)``, y ``(B, Dy)``."""
+        xt = _as_tensor(x, "x", self.device_)
+        _check_columns(xt, "x", self.x_dim_, "training target")
+        _check_2d(xt, "x")
+        yt = self._condition(y)
+        _check_rows(xt, yt, "x", "y")
+        self._representable_or_raise(yt)
+        pipe, step = self.preprocessing_, _chunk(max_chunk, self.device_)
+        for start in range(0, xt.shape[0], step):
+            xc, yc = xt[start : start + step], yt[start : start + step]
+            xm = pipe.encode_x(xc, yc)
+            self._check_target_range(xm, start)
+            yield xc, yc, xm.float(), pipe.encode_y(yc).float()
+
+    def latent(self, x: Any, y: Any, *, max_chunk: int | None = None) -> Any:
+        """The encoder's mean of q(z | x, y) for each row, ``(B, latent_dim)``.
+
+        Only for models with an encoder (`has_latent`): the cVAE.
+
+        Example:
+            >>> import numpy as np, flowrecon as fr
+            >>> rng = np.random.default_rng(0)
+            >>> y = rng.normal(size=(200, 1)); x = y + 0.1 * rng.normal(size=(200, 2))
+            >>> m = fr.make("cvae", latent_dim=3, seed=0, device="cpu")
+            >>> m.fit(x, y, epochs=1, quiet=True, calibrate=False).latent(x[:4], y[:4]).shape
+            (4, 3)
+        """
+        self._check_fitted("latent()")
+        if not self.has_latent:
+            raise ValueError(f"model {self.model_!r} has no encoder, so latent() is unavailable")
+        est = self.estimator_
+        est.eval()
+        with torch.no_grad():
+            out = [est.encode(xm, ym)[0] for _, _, xm, ym in self._model_rows(x, y, max_chunk)]
+        z = torch.cat(out).to(torch.float64) if out else torch.zeros(0, 0, dtype=torch.float64)
+        return _output(z, x)
+
+    def anomaly_score(self, x: Any, y: Any, *, max_chunk: int | None = None) -> Any:
+        """How unlike the training data each row x is given its y, ``(B,)``: larger is stranger.
+
+        For models with a density, -log p(x | y) in the user's space (temperature 1);
+        for the cVAE, the negative ELBO at the encoder mean (`flowrecon.models.cvae`) minus
+        the preprocessing's log|det|: an upper bound on the same -log p(x | y).
+        """
+        self._check_fitted("anomaly_score()")
+        est, pipe = self.estimator_, self.preprocessing_
+        bound = getattr(est, "negative_elbo", None)
+        if not self.has_density and not callable(bound):
+            raise ValueError(f"model {self.model_!r} has neither a density nor an ELBO")
+        est.eval()
+        out = []
+        with torch.no_grad():
+            for xc, yc, xm, ym in self._model_rows(x, y, max_chunk):
+                score = -est.log_prob(xm, ym) if self.has_density else bound(xm, ym)
+                out.append(score.to(torch.float64) - pipe.log_abs_det_x(xc, yc))
+        scores = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return _output(scores, x)
 
     def _check_target_range(self, xm: Tensor, offset: int) -> None:
         """Rejects x rows (of the broadcast, flattened batch) beyond the representable range."""

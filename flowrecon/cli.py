@@ -375,6 +375,15 @@ def simulate(
             f"wrote {n} rows of {system.description} ({_describe(system.options)}) to {out} "
             f"in {time.perf_counter() - start:.1f} s"
         )
+        if isinstance(frame.attrs.get("report"), str):  # the simulator's own diagnostics
+            click.echo(frame.attrs["report"])
+
+
+def _column_list(columns: Sequence[str], most: int = 12) -> str:
+    """Column names, the middle of a long list elided (90 coordinates fill a screen)."""
+    if len(columns) <= most:
+        return ", ".join(columns)
+    return f"{', '.join(columns[:6])}, ..., {', '.join(columns[-3:])} ({len(columns)} columns)"
 
 
 def _describe(options: Mapping[str, Any]) -> str:
@@ -552,11 +561,14 @@ def fit(
     )
     result = run.config["result"]
     if not quiet:
+        how = "calibrated on the validation split"
+        if not run.config.get("fit_options", {}).get("calibrate", True):
+            how = f"not calibrated: system {run.config['system']['name']} fits without it"
         click.echo(
             f"{model}: {result['epochs']} epochs in {time.perf_counter() - start:.0f} s "
             f"({result['stopped']}), best validation loss {result['best_val_loss']:.4g} "
             f"at epoch {result['best_epoch']}; sampling temperature "
-            f"{result['temperature']:.3g} (calibrated on the validation split)"
+            f"{result['temperature']:.3g} ({how})"
         )
         prior = ", prior.pt (the learned prior)" if run.prior is not None else ""
         click.echo(f"wrote {out}/model.pt{prior}, config.json, history.csv and learning curves")
@@ -652,8 +664,10 @@ def systems(details: str | None) -> None:
     system = make_system(details)
     factory = get_factory(details)
     click.echo(f"{system.name}: {system.description}")
-    click.echo(f"  targets x ({system.x_unit}): {', '.join(system.x_columns)}")
-    click.echo(f"  conditions y ({system.y_unit}): {', '.join(system.y_columns)}")
+    click.echo(f"  targets x ({system.x_unit}): {_column_list(system.x_columns)}")
+    click.echo(f"  conditions y ({system.y_unit}): {_column_list(system.y_columns)}")
+    if system.fit_options:
+        click.echo(f"  fit uses: {_describe(system.fit_options)}")
     flags = system.cli_flags
     for title, func in (
         ("system options (simulate, fit, compare)", factory),

@@ -548,6 +548,7 @@ def fit_run(
             x[val_idx],
             y[val_idx],
             checkpoint_path=stage / "model.pt",
+            **dict(system_obj.fit_options),
             **options,
         )
         config = _run_record(
@@ -637,6 +638,7 @@ def _run_record(
             **dict(preprocessing or {}),
         },
         "physics": {"weights": weights},
+        "fit_options": dict(system.fit_options),
         "data": data_info,
         "split": {
             "seed": seed,
@@ -1291,5 +1293,6 @@ def tune_run(
     return tune(
         model, table.x[train_idx], table.y[train_idx], table.x[val_idx], table.y[val_idx],
         out=out, metric=metric, metric_fn=metric_fn, seed=seed, progress=progress,
-        generator_options=generator, best_sections=sections, **tune_options,
+        generator_options=generator, best_sections=sections,
+        fit_options=dict(system_obj.fit_options), **tune_options,
     )  # fmt: skip

@@ -65,6 +65,9 @@ __all__ = [
 #: Entry-point group in which packages register system factories by name.
 ENTRY_POINT_GROUP = "flowrecon.systems"
 
+#: Options of `flowrecon.ConditionalGenerator.fit` a System may set (``System.fit_options``).
+FIT_OPTIONS: tuple[str, ...] = ("calibrate", "condition_density", "support")
+
 #: The system used when none is named: Coulomb explosion imaging.
 DEFAULT_SYSTEM = "cei"
 
@@ -209,6 +212,10 @@ class System:
             ``config.json`` so that ``evaluate`` and ``sample`` remake the same System.
         cli_flags: Command-line flags kept as spellings of system options, flag ->
             option name (e.g. ``{"--charges": "charges"}``); ``--set`` reaches them all.
+        fit_options: Keyword arguments of `flowrecon.ConditionalGenerator.fit` beyond the
+            training loop's (`FIT_OPTIONS`) that ``fit`` uses for this system, e.g.
+            ``{"calibrate": False}`` where a sampling temperature would change the physics
+            the model must reproduce; recorded in ``config.json``.
         units: Unit of the system's own options, for help texts.
     """
 
@@ -236,6 +243,7 @@ class System:
     prior_features: Callable[[Any], tuple[Any, Any]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     cli_flags: Mapping[str, str] = field(default_factory=dict)
+    fit_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.x_columns or not self.y_columns:
@@ -246,6 +254,12 @@ class System:
         for what, cols in (("x_columns", self.x_columns), ("y_columns", self.y_columns)):
             if len(set(cols)) != len(cols):
                 raise ValueError(f"system {self.name!r}: {what} repeats a column")
+        unknown = set(self.fit_options) - set(FIT_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"system {self.name!r}: unknown fit option(s) {sorted(unknown)}; valid: "
+                f"{', '.join(FIT_OPTIONS)}"
+            )
         object.__setattr__(self, "x_columns", tuple(self.x_columns))
         object.__setattr__(self, "y_columns", tuple(self.y_columns))
 

@@ -667,6 +667,7 @@ class _Job:
     heartbeat: int | None
     progress: bool
     mix_host: bool
+    fit_options: dict[str, Any] = field(default_factory=dict)
 
 
 class _Failed(Exception):
@@ -742,6 +743,8 @@ class _Objective:
                 d["x_val"],
                 d["y_val"],
                 calibrate=False,  # below, once training is known to have ended well
+                condition_density=self.job.fit_options.get("condition_density", True),
+                support=self.job.fit_options.get("support", True),
                 quiet=True,
                 on_epoch=_Reporter(trial),
                 **training,
@@ -764,7 +767,8 @@ class _Objective:
         trial.set_user_attr("val_loss", val_loss)
         if self.job.metric_fn is None:
             return val_loss
-        if len(d["x_val"]) >= _MIN_CALIBRATION_ROWS:  # as fit would: the metric sees it
+        calibrate = self.job.fit_options.get("calibrate", True)
+        if calibrate and len(d["x_val"]) >= _MIN_CALIBRATION_ROWS:  # as fit would
             model.calibrate(d["x_val"], d["y_val"], seed=self.job.seed or 0)
         value = float(self.job.metric_fn(model, d["x_val"], d["y_val"]))
         if not math.isfinite(value):
@@ -1486,6 +1490,7 @@ def tune(
     hparams: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     generator_options: Mapping[str, Any] | None = None,
+    fit_options: Mapping[str, Any] | None = None,
     include_default: bool = True,
     heartbeat_interval: int | None = 30,
     figures: bool = True,
@@ -1529,6 +1534,8 @@ def tune(
         training: Fixed training options (epochs, patience, max_minutes, ...).
         generator_options: ``transform``, ``x_scaler``, ``y_scaler``, ``whitening``,
             ``device`` of every trial's generator.
+        fit_options: ``calibrate``, ``condition_density`` and ``support`` as `fit` takes
+            them (a System's ``fit_options``); by default all on, as in `fit`.
         include_default: Queue the default configuration as the study's first trial.
         heartbeat_interval: Seconds between a running trial's heartbeats; a trial silent
             for three intervals is failed and queued again. None turns heartbeats off.
@@ -1576,6 +1583,7 @@ def tune(
         heartbeat=heartbeat_interval,
         progress=progress,
         mix_host=not url.startswith("sqlite"),
+        fit_options=dict(fit_options or {}),
     )
     with _optuna_quiet(progress):
         the_study = _create_study(job, direction, space, include_default)

@@ -51,7 +51,8 @@ def test_the_command_line_runs_a_users_system(workdir) -> None:
     pd.read_parquet(data)[["range", "time", "height"]].head(4).to_csv(measured, index=False)
     _invoke("sample", "--run", run, "--data", measured, "--n", 3, "--out", workdir / "s.csv",
             "--quiet")  # fmt: skip
-    assert list(pd.read_csv(workdir / "s.csv").columns) == ["event", "sample", "v0", "theta"]
+    columns = ["event", "sample", "v0", "theta", "in_domain", "unresolved"]
+    assert list(pd.read_csv(workdir / "s.csv").columns) == columns
     details = _invoke("systems", "--details", EXAMPLE)
     assert "--set noise=..." in details and "projectile launches" in details
 

@@ -108,6 +108,29 @@ def test_runaway_draws_of_any_estimator_are_redrawn(flow, monkeypatch) -> None:
     assert np.abs(d.samples).max() < 100
 
 
+def test_without_support_only_non_finite_draws_are_redrawn(monkeypatch, tmp_path) -> None:
+    x, y = toy(400)
+    model = fr.make("zuko-maf", hidden=8, transforms=1, device="cpu", seed=0)
+    model.fit(x, y, epochs=1, quiet=True, support=False, condition_density=False, calibrate=False)
+    assert model.support_ is None
+    original = model.estimator_.sample
+    calls = []
+
+    def far(n, ym, temperature=1.0):
+        out = original(n, ym, temperature=temperature)
+        if not calls:  # the first draw only: event 0 far out but finite, one of event 1 NaN
+            out[:, 0] = 1e6
+            out[0, 1] = float("nan")
+        calls.append(n)
+        return out
+
+    monkeypatch.setattr(model.estimator_, "sample", far)
+    d = model.sample(y[:3], n=4, seed=0, return_diagnostics=True)
+    assert d.redrawn.tolist() == [0, 1, 0] and np.abs(d.samples[:, 0]).max() > 1e5
+    model.save(tmp_path / "m.pt")  # and the choice survives a round trip
+    assert fr.load(tmp_path / "m.pt").support_ is None
+
+
 def test_diagnostics_follow_the_input_type_and_shape(flow) -> None:
     _, y = toy(6)
     d = flow.sample(torch.as_tensor(y).reshape(2, 3, 2), n=4, return_diagnostics=True)

@@ -107,6 +107,23 @@ class CVAE(Estimator):
         kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1).mean()
         return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
 
+    def negative_elbo(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-row negative evidence lower bound, ``(B,)``: an upper bound on -log p(x | y).
+
+        Reconstruction at the encoder mean (no sampling, so the score is deterministic):
+        the decoder's full Gaussian negative log-likelihood (no beta-NLL weighting; the
+        squared error for a deterministic decoder) plus the KL term. Anomaly scores use it.
+        """
+        mu, logvar = self.encode(x, y)
+        mean, out_logvar = self.decode(mu, y)
+        if out_logvar is None:
+            recon = (mean - x).square().sum(-1)
+        else:
+            recon = 0.5 * ((mean - x).square() * (-out_logvar).exp() + out_logvar + _LOG_2PI)
+            recon = recon.sum(-1)
+        kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)
+        return recon + kl
+
     def sample(self, n: int, y: Tensor, temperature: float = 1.0) -> Tensor:
         """Draws z from the prior (or training statistics), then x from the decoder.
 
