@@ -46,7 +46,8 @@ def test_ball_events_are_unchanged(pin):
 
 def test_explosion_with_initial_momenta_is_unchanged(pin):
     x = sample_ocs(16, torch.Generator().manual_seed(15))
-    p0 = 3.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    g = torch.Generator().manual_seed(16)
+    p0 = 3.0 * torch.randn(x.shape, generator=g, dtype=torch.float64)
     np.testing.assert_array_equal(x.numpy(), pin["p0_positions"])
     np.testing.assert_array_equal(p0.numpy(), pin["p0_initial"])
     np.testing.assert_array_equal(asymptotic_momenta(x, p0).numpy(), pin["p0_momenta"])
