@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from flowrecon.systems.cei.canonical import canonical_order, canonical_order_table
 from flowrecon.systems.cei.constants import BOHR_IN_ANGSTROM, MASSES
 from flowrecon.systems.cei.constants import MOMENTUM_COLUMNS as OCS_MOMENTA
 from flowrecon.systems.cei.constants import POSITION_COLUMNS as OCS_POSITIONS
@@ -22,8 +23,6 @@ from flowrecon.systems.cei.geometry import (
 )
 from flowrecon.systems.cei.molecule import (
     available_molecules,
-    canonical_order,
-    canonical_order_table,
     isotope_mass,
     load_molecule,
     molecule_from_dict,

@@ -19,13 +19,9 @@ import numpy as np
 import torch
 
 from flowrecon.base import resolve_device
+from flowrecon.systems.cei.canonical import apply_permutation, canonical_permutation
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES, R_CO_EQ, R_CS_EQ
-from flowrecon.systems.cei.molecule import (
-    Molecule,
-    apply_permutation,
-    canonical_permutation,
-    load_molecule,
-)
+from flowrecon.systems.cei.molecule import Molecule, load_molecule
 from flowrecon.systems.cei.nbody import molecule_momenta
 from flowrecon.systems.cei.simulator import IntegratorSettings, asymptotic_momenta
 from flowrecon.systems.cei.zmatrix import sample_zmatrix

@@ -43,9 +43,8 @@ Columns: positions ``{label}x {label}y {label}z`` (bohr) and momenta ``p{label}x
 (a.u.), atoms in file order, so OCS keeps ``cx ... sz`` and ``pcx ... psz``.
 
 Identical atoms (same element, mass and charge, such as the two O of CO2) cannot be told
-apart by a detector; :func:`canonical_order` sorts each group of them by decreasing
-momentum magnitude, so that ``o1`` is always the faster oxygen ion. Simulation, training
-and evaluation all apply it (see its docstring for the tie rule).
+apart by a detector; `flowrecon.systems.cei.canonical.canonical_order` sorts each group
+of them by decreasing momentum magnitude, so that ``o1`` is always the faster oxygen ion.
 """
 
 from __future__ import annotations
@@ -59,9 +58,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from flowrecon.systems.cei.constants import BOHR_IN_ANGSTROM, DALTON_IN_ELECTRON_MASSES
 from flowrecon.systems.cei.zmatrix import check_zmatrix
 
@@ -74,11 +70,7 @@ __all__ = [
     "Atom",
     "Molecule",
     "ZMatrixRow",
-    "apply_permutation",
     "available_molecules",
-    "canonical_order",
-    "canonical_permutation",
-    "canonical_order_table",
     "isotope_mass",
     "load_molecule",
     "molecule_from_dict",
@@ -764,129 +756,3 @@ def available_molecules() -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-# --- canonical order of identical atoms --------------------------------------------------
-
-
-def _sort_keys(p_atoms: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
-    """Rank of each member of ``group``: by decreasing |p|, then decreasing px, py, pz."""
-    sub = p_atoms[..., list(group), :]  # (..., g, 3)
-    order = torch.arange(len(group), device=p_atoms.device).expand(sub.shape[:-1]).clone()
-    keys = [sub[..., 2], sub[..., 1], sub[..., 0], torch.linalg.vector_norm(sub, dim=-1)]
-    # Least significant key first; each stable sort keeps the order of equal keys.
-    for key in keys:
-        current = torch.gather(key, -1, order)
-        idx = torch.sort(-current, dim=-1, stable=True).indices
-        order = torch.gather(order, -1, idx)
-    return order
-
-
-def canonical_permutation(
-    momenta: torch.Tensor, molecule: Molecule, charges: Sequence[float] | None = None
-) -> torch.Tensor | None:
-    """For each event, which atom goes to each slot in the canonical order: ``(..., N)``.
-
-    None when the molecule has no identical atoms (the order is then the identity).
-    See :func:`canonical_order` for the rule.
-    """
-    groups = molecule.identical_groups(charges)
-    width = 3 * molecule.n_atoms
-    if momenta.shape[-1] != width:
-        raise ValueError(
-            f"momenta must have {width} columns for {molecule.name} ({molecule.n_atoms} atoms); "
-            f"got shape {tuple(momenta.shape)}"
-        )
-    if not groups:
-        return None
-    pa = momenta.reshape(*momenta.shape[:-1], molecule.n_atoms, 3)
-    perm = torch.arange(molecule.n_atoms, device=momenta.device).expand(pa.shape[:-1]).clone()
-    for group in groups:
-        order = _sort_keys(pa, group)
-        perm[..., list(group)] = torch.tensor(group, device=momenta.device)[order]
-    return perm
-
-
-def apply_permutation(values: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Reorders the atoms of flat ``(..., 3N)`` values: slot ``s`` gets atom ``perm[..., s]``."""
-    va = values.reshape(*values.shape[:-1], values.shape[-1] // 3, 3)
-    index = perm.to(values.device)[..., None].expand(va.shape)
-    return torch.gather(va, -2, index).reshape(values.shape)
-
-
-def canonical_order(
-    positions: np.ndarray | torch.Tensor | None,
-    momenta: np.ndarray | torch.Tensor,
-    molecule: Molecule,
-    charges: Sequence[float] | None = None,
-) -> tuple[Any, Any]:
-    """Relabels identical atoms so that within each group momenta decrease in magnitude.
-
-    A detector measures a momentum for each ion but cannot say which of two O+ ions came
-    from which end of CO2. The canonical order makes labels a function of what is
-    measured: within every group of identical atoms (:meth:`Molecule.identical_groups`),
-    the atom with the largest ``|p|`` takes the group's first label (``o1``), the next the
-    second, and so on. Exact ties in ``|p|`` are broken by the larger ``px``, then ``py``,
-    then ``pz``, so the result depends only on the set of measured momenta, never on the
-    input labelling. Positions (when given) are permuted with their atoms. Apply it to
-    simulated, training and measured data alike; it is idempotent.
-
-    Args:
-        positions: ``(..., 3N)`` positions or None (measured data).
-        momenta: ``(..., 3N)`` momenta, numpy or torch.
-        molecule: The molecule (its atoms set N and the groups).
-        charges: The explosion channel if not the molecule's own (changes the groups).
-
-    Returns:
-        ``(positions, momenta)`` reordered, of the input kind (None stays None).
-
-    Example:
-        >>> m = load_molecule("co2")
-        >>> p = np.array([[0.0, 0, 0, 1, 0, 0, -3, 0, 0]])   # o2 is faster
-        >>> canonical_order(None, p, m)[1]
-        array([[ 0.,  0.,  0., -3.,  0.,  0.,  1.,  0.,  0.]])
-    """
-    is_numpy = not isinstance(momenta, torch.Tensor)
-    p = torch.as_tensor(np.array(momenta, copy=True) if is_numpy else momenta)
-    x = None
-    if positions is not None:
-        x = torch.as_tensor(np.array(positions, copy=True) if is_numpy else positions)
-        if x.shape != p.shape:
-            raise ValueError(
-                f"positions {tuple(x.shape)} and momenta {tuple(p.shape)} must have one shape"
-            )
-    perm = canonical_permutation(p, molecule, charges)
-    if perm is None:
-        return positions, momenta
-    p_out = apply_permutation(p, perm)
-    x_out = None if x is None else apply_permutation(x, perm)
-    if is_numpy:
-        return (None if x_out is None else x_out.numpy()), p_out.numpy()
-    return x_out, p_out
-
-
-def canonical_order_table(table: Any, molecule: Molecule, charges: Sequence[float] | None = None):
-    """:func:`canonical_order` on a DataFrame with the molecule's columns; returns a copy.
-
-    Position columns are permuted with the momenta when all are present (momenta-only
-    tables work too); other columns are left alone.
-
-    Example:
-        >>> import pandas as pd
-        >>> m = load_molecule("co2")
-        >>> t = pd.DataFrame([[0.0, 0, 0, 1, 0, 0, -3, 0, 0]], columns=m.momentum_columns)
-        >>> canonical_order_table(t, m)[["po1x", "po2x"]].to_numpy()
-        array([[-3.,  1.]])
-    """
-    pcols, xcols = list(molecule.momentum_columns), list(molecule.position_columns)
-    missing = [c for c in pcols if c not in table.columns]
-    if missing:
-        raise ValueError(f"table lacks the momentum column {missing[0]!r} of {molecule.name}")
-    has_x = all(c in table.columns for c in xcols)
-    x = table[xcols].to_numpy(np.float64) if has_x else None
-    x, p = canonical_order(x, table[pcols].to_numpy(np.float64), molecule, charges)
-    out = table.copy()
-    out[pcols] = p
-    if has_x:
-        out[xcols] = x
-    return out
