@@ -277,6 +277,7 @@ class PairTransform:
 #: Pair transform name -> ``"module:Class"``; save/load rebuilds transforms by name.
 PAIR_TRANSFORMS: dict[str, str] = {
     "cei-momentum-frame": "flowrecon.systems.cei.transform:MomentumFrameTransform",
+    "cei-molecule-frame": "flowrecon.systems.cei.molecule_transform:MoleculeFrameTransform",
 }
 
 #: Names that mean "no pair transform": the user's own frame.
