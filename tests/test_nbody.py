@@ -218,3 +218,16 @@ def test_compiled_path_matches_eager():
     eager = _explode(x, m, compile=False)
     fused = _explode(x, m, compile=True, chunk_size=256)
     assert _relative_error(fused, eager, 5).max() < 1e-12
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fast_accuracy_is_about_1e_5(name, events):
+    m, x, _ = events[name]
+    ref = reference_momenta(x[:4].numpy(), None, m.charges, m.masses, t_end=T_REF)
+    fast = molecule_momenta(x[:4], m, accuracy="fast")
+    assert fast.dtype == torch.float64  # integrated in float32, returned as given
+    err = _relative_error(fast, ref, m.n_atoms)
+    assert np.median(err) < 3e-5
+    assert err.max() < 1e-4
+    with pytest.raises(ValueError, match="accuracy must be one of high, fast"):
+        molecule_momenta(x[:1], m, accuracy="medium")

@@ -331,6 +331,7 @@ def simulate_molecule_events(
     charges: Sequence[float] | None = None,
     momentum_noise: float = 0.0,
     device: str | torch.device = "auto",
+    accuracy: str = "high",
     settings: IntegratorSettings | None = None,
     progress: bool = False,
     compile: bool | None = None,
@@ -354,6 +355,9 @@ def simulate_molecule_events(
         charges: The explosion channel, one charge per atom; default the molecule's.
         momentum_noise: Relative detector resolution sigma (0.01 = 1 %).
         device: Where to integrate (``"auto"``, ``"cpu"``, ``"cuda"``).
+        accuracy: ``"high"`` (~1e-8 relative momentum error) or ``"fast"`` (float32 on a
+            coarse grid, ~1e-5, several times faster); see
+            `flowrecon.systems.cei.nbody.molecule_momenta`.
         settings: Integrator grid; default the simulator's own for the molecule.
         progress: Show a progress bar.
         compile: See `flowrecon.systems.cei.simulator.asymptotic_momenta`.
@@ -370,7 +374,12 @@ def simulate_molecule_events(
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     x = sample_molecule(molecule, n, g)
     p_true = molecule_momenta(
-        x.to(device), molecule, settings=settings, progress=progress, compile=compile
+        x.to(device),
+        molecule,
+        accuracy=accuracy,
+        settings=settings,
+        progress=progress,
+        compile=compile,
     ).cpu()
     p_obs = add_momentum_noise(p_true, momentum_noise, g)
     perm = canonical_permutation(p_obs, molecule)
