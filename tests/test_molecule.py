@@ -392,3 +392,29 @@ def test_cartesian_spread_and_dict_input():
     x = sample_molecule(mol, 5000, _gen(6)).reshape(-1, 3, 3)
     r = (x[:, 1] - x[:, 0]).norm(dim=-1)
     assert abs(r.mean() - 0.9578 / BOHR_IN_ANGSTROM) < 0.02
+
+
+def test_thermal_initial_momenta():
+    from flowrecon.systems.cei.constants import BOLTZMANN_IN_HARTREE_PER_KELVIN as KB
+    from flowrecon.systems.cei.geometry import thermal_momenta
+    from flowrecon.systems.cei.physics import coulomb_potential, kinetic_energy
+
+    m = load_molecule("ch2i2")
+    p0 = thermal_momenta(m, 20000, 1000.0, _gen(7))
+    assert p0.reshape(-1, 5, 3).sum(1).abs().max() < 1e-9
+    ke = kinetic_energy(p0, m.masses).mean()
+    assert abs(ke / (6 * KB * 1000.0) - 1) < 0.02  # (3N - 3) / 2 k_B T
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        thermal_momenta(m, 1, -1.0, _gen(0))
+    # Warm events conserve the total energy, initial kinetic energy included.
+    for name in ("co2", "chbrclf"):
+        ev = simulate_molecule_events(name, 50, seed=2, temperature=1000.0)
+        mol = ev.molecule
+        g = _gen(2)
+        x = sample_molecule(mol, 50, g)
+        warm = thermal_momenta(mol, 50, 1000.0, g)
+        e0 = coulomb_potential(x, mol.charges) + kinetic_energy(warm, mol.masses)
+        e1 = kinetic_energy(torch.as_tensor(ev.true_momenta), mol.masses)
+        assert ((e1 - e0).abs() / e0).max() < 1e-6
+        cold = simulate_molecule_events(name, 50, seed=2)
+        assert not np.allclose(cold.true_momenta, ev.true_momenta)

@@ -25,6 +25,9 @@ BOHR_IN_ANGSTROM: float = 0.529177210903
 DALTON_IN_ELECTRON_MASSES: float = 1822.888486209
 HARTREE_IN_EV: float = 27.211386245988
 
+#: The Boltzmann constant in hartree per kelvin (CODATA 2018).
+BOLTZMANN_IN_HARTREE_PER_KELVIN: float = 3.166811563e-6
+
 #: Initial positions (the model's target x), bohr, ordered C, O, S and x, y, z.
 POSITION_COLUMNS: tuple[str, ...] = ("cx", "cy", "cz", "ox", "oy", "oz", "sx", "sy", "sz")
 

@@ -20,7 +20,13 @@ import torch
 
 from flowrecon.base import resolve_device
 from flowrecon.systems.cei.canonical import apply_permutation, canonical_permutation
-from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES, R_CO_EQ, R_CS_EQ
+from flowrecon.systems.cei.constants import (
+    BOLTZMANN_IN_HARTREE_PER_KELVIN,
+    DEFAULT_CHARGES,
+    MASSES,
+    R_CO_EQ,
+    R_CS_EQ,
+)
 from flowrecon.systems.cei.molecule import Molecule, load_molecule
 from flowrecon.systems.cei.nbody import molecule_momenta
 from flowrecon.systems.cei.simulator import IntegratorSettings, asymptotic_momenta
@@ -38,6 +44,7 @@ __all__ = [
     "sample_ocs",
     "simulate_events",
     "simulate_molecule_events",
+    "thermal_momenta",
 ]
 
 
@@ -283,6 +290,33 @@ def sample_molecule(
     return _centre_and_orient(x, g, molecule.masses, rotate)
 
 
+def thermal_momenta(
+    molecule: Molecule | str, n: int, temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Initial momenta (n, 3N) of a classical thermal ensemble at ``temperature`` kelvin.
+
+    Each Cartesian component of atom i is Gaussian with variance ``m_i k_B T``; the
+    centre-of-mass momentum is then removed, so the molecule as a whole is at rest and
+    its internal kinetic energy is about ``(3N - 3) k_B T / 2``.
+
+    Example:
+        >>> p0 = thermal_momenta("co2", 2, 300.0, torch.Generator().manual_seed(0))
+        >>> bool(p0.reshape(2, 3, 3).sum(1).abs().max() < 1e-9)
+        True
+    """
+    molecule = load_molecule(molecule)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 kelvin, got {temperature}")
+    g = generator
+    m = torch.tensor(molecule.masses, dtype=torch.float64, device=g.device)
+    sigma = torch.sqrt(m * BOLTZMANN_IN_HARTREE_PER_KELVIN * temperature)[:, None]
+    p = sigma * torch.randn(
+        n, molecule.n_atoms, 3, generator=g, dtype=torch.float64, device=g.device
+    )
+    p = p - m[:, None] * p.sum(1, keepdim=True) / m.sum()
+    return p.reshape(n, -1)
+
+
 @dataclass(frozen=True)
 class MoleculeEvents:
     """Simulated events of a molecule, atoms in canonical order (see ``canonical_order``).
@@ -332,6 +366,7 @@ def simulate_molecule_events(
     momentum_noise: float = 0.0,
     device: str | torch.device = "auto",
     accuracy: str = "high",
+    temperature: float = 0.0,
     settings: IntegratorSettings | None = None,
     progress: bool = False,
     compile: bool | None = None,
@@ -358,6 +393,9 @@ def simulate_molecule_events(
         accuracy: ``"high"`` (~1e-8 relative momentum error) or ``"fast"`` (float32 on a
             coarse grid, ~1e-5, several times faster); see
             `flowrecon.systems.cei.nbody.molecule_momenta`.
+        temperature: Initial momenta before the explosion, kelvin: see
+            :func:`thermal_momenta` (0: the ions start at rest). An effective temperature
+            can stand in for zero-point motion.
         settings: Integrator grid; default the simulator's own for the molecule.
         progress: Show a progress bar.
         compile: See `flowrecon.systems.cei.simulator.asymptotic_momenta`.
@@ -373,9 +411,11 @@ def simulate_molecule_events(
     device = resolve_device(device)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     x = sample_molecule(molecule, n, g)
+    p0 = None if temperature == 0 else thermal_momenta(molecule, n, temperature, g).to(device)
     p_true = molecule_momenta(
         x.to(device),
         molecule,
+        p0,
         accuracy=accuracy,
         settings=settings,
         progress=progress,
