@@ -16,11 +16,12 @@ in tensor form over atom pairs so that any molecule runs through it:
    and its remaining Coulomb impulse is added in closed form (second-order error in the
    residual potential energy).
 
-On CPU, batches of 100,000 events or more that need no gradient run the same step
+On CPU, batches of 1,000,000 events or more that need no gradient run the same step
 unrolled over pairs and components (lists of ``(B,)`` tensors) through ``torch.compile``,
 which fuses it into one vectorised loop over the batch; eager runs, CUDA and gradients use
-the tensor form. The first compilation for a molecule and dtype takes minutes for five
-atoms; inductor caches it on disk for later processes.
+the tensor form. One compilation serves every molecule with the same number of atoms
+(and dtype); the first takes minutes for five atoms, and inductor caches it on disk for
+later processes.
 
 Molecules with light and heavy fragments (H and I) have time scales far apart: the grid
 must reach further in sigma for the heavy pairs to finish, which :func:`default_settings`
@@ -87,13 +88,22 @@ class _Plan:
         return (self.w @ f.reshape(self.n_pairs, -1)).reshape(self.n_atoms, *f.shape[1:])
 
 
+def _dot3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot products over the component axis of ``(P, 3, B)`` tensors: ``(P, B)``.
+
+    Written out: a reduction over the strided middle axis (``sum(1)``, ``vector_norm``)
+    is many times slower on the CPU than three element-wise products.
+    """
+    return a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2]
+
+
 def _derivative(
     b: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, t_s: torch.Tensor, plan: _Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d(b, u)/d sigma for states ``(N, 3, B)``."""
     t = t_s * torch.expm1(sigma)
     d = plan.pair_vectors(b + u * t)
-    inv = torch.rsqrt((d * d).sum(1))  # (P, B)
+    inv = torch.rsqrt(_dot3(d, d))  # (P, B)
     f = (plan.k * (t + t_s) * inv * inv * inv)[:, None] * d
     du = plan.accelerations(f)
     return -du * t, du
@@ -130,62 +140,76 @@ def _coulomb_tail(r: torch.Tensor, u: torch.Tensor, plan: _Plan) -> torch.Tensor
     radial motion (the three-atom simulator's closed form).
     """
     d, v = plan.pair_vectors(r), plan.pair_vectors(u)
-    dd = torch.linalg.vector_norm(d, dim=1)
-    vv = torch.linalg.vector_norm(v, dim=1)
-    s = dd * vv + (d * v).sum(1)
+    dd = torch.sqrt(_dot3(d, d))
+    vv = torch.sqrt(_dot3(v, v))
+    s = dd * vv + _dot3(d, v)
     kick = (plan.k / (dd * s))[:, None] * d + (plan.k / (vv * s))[:, None] * v
     return u + plan.accelerations(kick)
 
 
 def _time_scale(x: torch.Tensor, v: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
     """t_s (B,): shortest pair distance over the lightest reduced mass's final speed."""
-    dist = torch.linalg.vector_norm(plan.pair_vectors(x), dim=1)  # (P, B)
+    d = plan.pair_vectors(x)
+    dist = torch.sqrt(_dot3(d, d))  # (P, B)
     energy = (plan.k / dist).sum(0)
     if v is not None:
-        energy = energy + 0.5 * (plan.m[:, None] * (v * v).sum(1)).sum(0)
+        energy = energy + 0.5 * (plan.m[:, None] * _dot3(v, v)).sum(0)
     return dist.min(0).values / torch.sqrt(2 * energy / plan.mu_min)
 
 
-def _component_step(masses: Sequence[float], charges: Sequence[float]) -> Callable:
+def _rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(x)``; in float64 from a float32 estimate and two Newton steps.
+
+    A float64 square root and division cost about five times their float32 versions on
+    the vector units, and the fused N-body step does little else: the float32 estimate
+    (relative error ~1e-7) refined twice by r <- r (3 - x r^2) / 2 is exact to a few ulp.
+    """
+    if x.dtype != torch.float64:
+        return torch.rsqrt(x)
+    r = torch.rsqrt(x.to(torch.float32)).to(torch.float64)
+    r = r * (1.5 - 0.5 * x * r * r)
+    return r * (1.5 - 0.5 * x * r * r)
+
+
+def _component_step(n_atoms: int) -> Callable:
     """The RK step over per-component lists of ``(B,)`` tensors, for ``torch.compile``.
 
-    The same arithmetic as :func:`_rk_step`, unrolled over pairs and components with the
-    couplings and inverse masses as constants: every operation is element-wise on
-    ``(B,)`` tensors, so that the whole step fuses into one vectorised loop over the
-    batch, with the state in registers instead of a pass through memory per operation.
+    The same arithmetic as :func:`_rk_step`, unrolled over pairs and components: every
+    operation is element-wise on ``(B,)`` tensors, so that the whole step fuses into one
+    vectorised loop over the batch, with the state in registers instead of a pass through
+    memory per operation. Couplings ``k`` (P,) and inverse masses ``inv_m`` (N,) are
+    inputs, not constants, so that one compilation serves every molecule of ``n_atoms``.
     """
-    pairs = atom_pairs(len(masses))
-    k = [float(charges[i]) * float(charges[j]) for i, j in pairs]
-    inv_m = [1.0 / float(m) for m in masses]
+    pairs = atom_pairs(n_atoms)
     # Per atom: the pairs that push it along +d (it is their j) and along -d (their i).
-    plus = [[p for p, (_, j) in enumerate(pairs) if j == a] for a in range(len(masses))]
-    minus = [[p for p, (i, _) in enumerate(pairs) if i == a] for a in range(len(masses))]
+    plus = [[p for p, (_, j) in enumerate(pairs) if j == a] for a in range(n_atoms)]
+    minus = [[p for p, (i, _) in enumerate(pairs) if i == a] for a in range(n_atoms)]
 
-    def derivative(b, u, sigma, t_s):
+    def derivative(b, u, sigma, t_s, k, inv_m):
         t = t_s * torch.expm1(sigma)
         dt_dsigma = t + t_s
         x = [bi + ui * t for bi, ui in zip(b, u)]
         forces = []  # per pair: k d / |d|^3 * dt/dsigma, three components
-        for kij, (i, j) in zip(k, pairs):
+        for p, (i, j) in enumerate(pairs):
             d = [x[3 * j + c] - x[3 * i + c] for c in range(3)]
-            inv = torch.rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
-            coef = (kij * dt_dsigma) * inv * inv * inv
+            inv = _rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+            coef = (k[p] * dt_dsigma) * inv * inv * inv
             forces.append([coef * dc for dc in d])
         du = []
-        for a in range(len(masses)):
+        for a in range(n_atoms):
             for c in range(3):
                 total = sum(forces[p][c] for p in plus[a]) - sum(forces[p][c] for p in minus[a])
                 du.append(inv_m[a] * total)
         return [-v * t for v in du], du
 
-    def step(b, u, sigma, h, t_s):
+    def step(b, u, sigma, h, t_s, k, inv_m):
         stages = []
         for c, row in zip(_DP_C, _DP_A):
             bs, us = list(b), list(u)
             for a, (kb, ku) in zip(row, stages):
                 bs = [x + (h * a) * y for x, y in zip(bs, kb)]
                 us = [x + (h * a) * y for x, y in zip(us, ku)]
-            stages.append(derivative(bs, us, sigma + c * h, t_s))
+            stages.append(derivative(bs, us, sigma + c * h, t_s, k, inv_m))
         for weight, (kb, ku) in zip(_DP_B, stages):
             if weight:
                 b = [x + (h * weight) * y for x, y in zip(b, kb)]
@@ -195,7 +219,7 @@ def _component_step(masses: Sequence[float], charges: Sequence[float]) -> Callab
     return step
 
 
-_COMPILED: dict[tuple, Callable] = {}
+_COMPILED: dict[int, Callable] = {}
 
 #: Inductor fuses at most this many nodes into one kernel by default (64); the unrolled
 #: step of a five-atom molecule has thousands, and split into many kernels it streams its
@@ -203,16 +227,15 @@ _COMPILED: dict[tuple, Callable] = {}
 _FUSION_LIMIT = 1 << 16
 
 
-def _compiled_step(masses: Sequence[float], charges: Sequence[float]) -> Callable:
-    key = (tuple(float(m) for m in masses), tuple(float(q) for q in charges))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_component_step(masses, charges), dynamic=False)
-    compiled = _COMPILED[key]
+def _compiled_step(n_atoms: int) -> Callable:
+    if n_atoms not in _COMPILED:
+        _COMPILED[n_atoms] = torch.compile(_component_step(n_atoms), dynamic=False)
+    compiled = _COMPILED[n_atoms]
 
-    def run(b, u, sigma, h, t_s):
+    def run(*args):
         # Compilation happens lazily, at a call: the setting must hold around every call.
         with torch._inductor.config.patch(max_fusion_size=_FUSION_LIMIT):
-            return compiled(b, u, sigma, h, t_s)
+            return compiled(*args)
 
     return run
 
@@ -236,11 +259,12 @@ def _integrate(
         for sigma, h in steps:
             b, u = _rk_step(b, u, sigma, h, t_s, plan)
         return b, u
-    step = _compiled_step(plan.masses, plan.charges)
+    step = _compiled_step(plan.n_atoms)
+    k, inv_m = plan.k[:, 0].contiguous(), (1 / plan.m).contiguous()
     bl = [c for atom in b for c in atom]  # contiguous (B,) views, batch innermost
     ul = [c for atom in u for c in atom]
     for sigma, h in steps:
-        bl, ul = step(bl, ul, sigma, h, t_s)
+        bl, ul = step(bl, ul, sigma, h, t_s, k, inv_m)
     shape = b.shape
     return torch.stack(bl).reshape(shape), torch.stack(ul).reshape(shape)
 
@@ -352,7 +376,8 @@ def explode(
         settings: Integrator grid; default :func:`default_settings`.
         chunk_size: Events integrated together (bounds memory).
         compile: Fuse the step with ``torch.compile``; ``None`` does so for CPU batches of
-            100,000 events or more that need no gradient.
+            1,000,000 events or more that need no gradient (the first compilation for an
+            atom count and dtype takes minutes; inductor caches it on disk).
         progress: Show a progress bar over chunks.
 
     Returns:
@@ -401,7 +426,7 @@ def explode(
     )
     n = x.shape[0]
     if compile is None:
-        compile = x.device.type == "cpu" and n >= 100_000 and not needs_grad
+        compile = x.device.type == "cpu" and n >= 1_000_000 and not needs_grad
     plan = _Plan(masses, charges, x)
     if compile:
         # One static shape per bucket: torch.compile recompiles for every new size.
