@@ -352,6 +352,21 @@ def test_user_file_loads(tmp_path):
             r"report.angles\[0\] must name 3 atoms",
         ),
         (lambda t: t.replace("name =", "nom ="), r"unknown key 'nom'"),
+        (lambda t: t.replace("linear = true", 'linear = "yes"'), r"linear must be true or false"),
+        (
+            lambda t: t.replace('{atom = "c"},', '{atom = "c", bond = "h"},'),
+            r"row 0 of a Z-matrix has no 'bond'",
+        ),
+        (
+            lambda t: t.replace(
+                '{atom = "h", bond = "c", bond_sigma = 0.05},', '{atom = "h", bond_sigma = 0.05},'
+            ),
+            r"\(h\) needs 'bond'",
+        ),
+        (
+            lambda t: t.replace(", linear = true}", ', linear = true}, {atom = "x"}'),
+            r"zmatrix\[3\] atom: unknown atom 'x'",
+        ),
     ],
 )
 def test_bad_files_get_one_line_errors(tmp_path, edit, message):

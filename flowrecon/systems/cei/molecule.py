@@ -433,15 +433,13 @@ def _unknown_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> No
         )
 
 
-def _number(value: Any, where: str, *, positive: bool = False, allow_zero: bool = True) -> float:
+def _number(value: Any, where: str, *, non_negative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where} must be a number, got {value!r}")
     v = float(value)
-    if not math.isfinite(v) or (positive and (v < 0 or (v == 0 and not allow_zero))):
-        need = "positive" if not allow_zero else "zero or positive"
-        raise ValueError(
-            f"{where} must be finite{' and ' + need if positive else ''}, got {value!r}"
-        )
+    if not math.isfinite(v) or (non_negative and v < 0):
+        need = " and zero or positive" if non_negative else ""
+        raise ValueError(f"{where} must be finite{need}, got {value!r}")
     return v
 
 
@@ -515,6 +513,37 @@ def _label_index(label: Any, index: Mapping[str, int], where: str) -> int:
     return index[label]
 
 
+def _row_references(
+    n: int, row: Mapping[str, Any], index: Mapping[str, int], placed: list[int], at: str
+) -> dict[str, int]:
+    """The reference atoms of Z-matrix row ``n``: which it needs, and that they come first."""
+    name = row.get("atom")
+    linear = row.get("linear", False)
+    if not isinstance(linear, bool):
+        raise ValueError(f"{at} ({name}): linear must be true or false, got {linear!r}")
+    needed = [k for k, first in (("bond", 1), ("angle", 2)) if n >= first and k not in row]
+    if needed:
+        raise ValueError(f"{at} ({name}) needs {needed[0]!r} (row {n} of the Z-matrix)")
+    if n >= 3 and "dihedral" not in row and not linear:
+        raise ValueError(f"{at} ({name}) needs 'dihedral' (or linear = true)")
+    extra = [
+        k for k, first in (("bond", 1), ("angle", 2), ("dihedral", 3)) if n < first and k in row
+    ]
+    if extra:
+        raise ValueError(f"{at} ({name}): row {n} of a Z-matrix has no {extra[0]!r}")
+    refs: dict[str, int] = {}
+    for key in ("bond", "angle", "dihedral"):
+        if key not in row:
+            continue
+        ref = _label_index(row[key], index, f"{at} {key}")
+        if ref not in placed:
+            raise ValueError(f"{at}: {key} atom {row[key]!r} must be placed in an earlier row")
+        if ref in refs.values():
+            raise ValueError(f"{at}: {key} atom {row[key]!r} is already a reference of this row")
+        refs[key] = ref
+    return refs
+
+
 def _zmatrix_from(
     rows: Any, index: Mapping[str, int], scale: float, where: str
 ) -> list[ZMatrixRow]:
@@ -528,45 +557,21 @@ def _zmatrix_from(
         atom = _label_index(row.get("atom"), index, f"{at} atom")
         if atom in placed:
             raise ValueError(f"{at}: atom {row['atom']!r} is placed twice")
-        needed = [k for k, need in (("bond", 1), ("angle", 2)) if n >= need and k not in row]
-        if needed:
-            raise ValueError(f"{at} ({row['atom']}) needs {needed[0]!r} (row {n} of the Z-matrix)")
-        linear = bool(row.get("linear", False))
-        if n >= 3 and "dihedral" not in row and not linear:
-            raise ValueError(f"{at} ({row['atom']}) needs 'dihedral' (or linear = true)")
-        too_many = [
-            k for k, first in (("bond", 1), ("angle", 2), ("dihedral", 3)) if n < first and k in row
-        ]
-        if too_many:
-            raise ValueError(f"{at} ({row['atom']}): row {n} of a Z-matrix has no {too_many[0]!r}")
-        refs = {}
-        for key in ("bond", "angle", "dihedral"):
-            if key in row:
-                ref = _label_index(row[key], index, f"{at} {key}")
-                if ref not in placed:
-                    raise ValueError(
-                        f"{at}: {key} atom {row[key]!r} must be placed in an earlier row"
-                    )
-                if ref in refs.values():
-                    raise ValueError(
-                        f"{at}: {key} atom {row[key]!r} is already a reference of this row"
-                    )
-                refs[key] = ref
+        refs = _row_references(n, row, index, placed, at)
+        sigma = {
+            key: _number(row.get(key, 0.0), f"{at} {key}", non_negative=True)
+            for key in ("bond_sigma", "angle_sigma", "dihedral_sigma")
+        }
         out.append(
             ZMatrixRow(
                 atom=atom,
                 bond_to=refs.get("bond"),
-                bond_sigma=_number(row.get("bond_sigma", 0.0), f"{at} bond_sigma", positive=True)
-                * scale,
+                bond_sigma=sigma["bond_sigma"] * scale,
                 angle_to=refs.get("angle"),
-                angle_sigma_deg=_number(
-                    row.get("angle_sigma", 0.0), f"{at} angle_sigma", positive=True
-                ),
-                linear=linear,
+                angle_sigma_deg=sigma["angle_sigma"],
+                linear=row.get("linear", False),
                 dihedral_to=refs.get("dihedral"),
-                dihedral_sigma_deg=_number(
-                    row.get("dihedral_sigma", 0.0), f"{at} dihedral_sigma", positive=True
-                ),
+                dihedral_sigma_deg=sigma["dihedral_sigma"],
             )
         )
         placed.append(atom)
@@ -625,7 +630,9 @@ def molecule_from_dict(data: Mapping[str, Any], where: str = "molecule") -> Mole
     else:
         sigma = (
             _number(
-                vibration.get("cartesian_sigma", 0.0), f"{where}: cartesian_sigma", positive=True
+                vibration.get("cartesian_sigma", 0.0),
+                f"{where}: cartesian_sigma",
+                non_negative=True,
             )
             * scale
         )
