@@ -1,1 +1,1 @@
-"""Coulomb explosion imaging of OCS: constants, physics, frames, simulator, data."""
+"""Coulomb explosion imaging: molecules, simulators, frames, physics, data and refinement."""
