@@ -5,6 +5,12 @@ estimator from the registry, trains it with the one loop (`flowrecon.training.tr
 samples and evaluates densities in the user's own space, and saves and loads models as
 state dicts plus plain values (never pickled modules).
 
+Trust on every event. ``sample`` keeps draws inside the sane region of model space learned
+from the training targets (`flowrecon.guard`), redrawing the rare runaway and counting
+per event what it redrew; ``fit`` also fits a small density of the conditions
+(`flowrecon.density.Density`), so that ``sample(..., return_diagnostics=True)``,
+``condition_log_prob`` and ``in_domain`` say which events are unlike the training data.
+
 Example:
     >>> import numpy as np, flowrecon as fr
     >>> rng = np.random.default_rng(0)
@@ -18,23 +24,59 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import inspect
 import math
 import os
+import re
+import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from flowrecon import registry
+from flowrecon._io import read_state
+from flowrecon.density import Density
+from flowrecon.guard import Support, redraw
 from flowrecon.models._estimator import Estimator, standard_normal_log_prob
 from flowrecon.preprocessing import Pipeline, resolve_transform
-from flowrecon.training import History, _save_atomic, split_indices, train, training_options
+from flowrecon.training import (
+    History,
+    _save_atomic,
+    check_training_options,
+    split_indices,
+    train,
+    training_options,
+)
 
 FORMAT = "flowrecon.ConditionalGenerator"
-FORMAT_VERSION = 1
+#: 2: every hyper-parameter saved (defaults included), the sane region of model space,
+#: the condition density and the calibration record.
+FORMAT_VERSION = 2
+
+#: Hyper-parameters added since format 1 whose default changed the model: files of
+#: format 1 are rebuilt with these values (what those files were trained with).
+LEGACY_HPARAMS: dict[str, dict[str, Any]] = {
+    "cvae": {"decoder": "deterministic"},
+    "freia-allinone": {"bounded": False},
+    "freia-cinn": {"bounded": False},
+    "nflows-maf": {"bounded": False},
+    "zuko-maf": {"bounded": False},
+    "zuko-realnvp": {"bounded": False},
+}
+
+#: Largest magnitude a value may have: the networks compute in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+#: A condition (or, in ``log_prob``, a target) whose model-space value lies more than
+#: this many times beyond the training data's largest magnitude (at least 1) is beyond
+#: what the float32 networks represent faithfully: ``sample`` and ``log_prob`` reject it.
+REPRESENTABLE = 1e6
+
+#: Fewest rows ``fit`` accepts (training and validation together).
+MIN_FIT_ROWS = 10
 
 #: Keyword arguments of `make` that configure the generator rather than the model.
 GENERATOR_OPTIONS: tuple[str, ...] = (
@@ -74,7 +116,38 @@ _FITTED = (
     "estimator_",
     "history_",
     "temperature_",
+    "hparams_full_",
+    "support_",
+    "condition_scale_",
+    "condition_density_",
+    "calibration_",
 )
+
+
+class SampleDiagnostics(NamedTuple):
+    """What ``sample(..., return_diagnostics=True)`` returns.
+
+    Per-event fields have the leading shape of y (``y.shape[:-1]``) and follow the
+    samples' type (numpy for numpy y, torch on y's device for torch y).
+
+    Attributes:
+        samples: ``(n, *y.shape[:-1], Dx)``, as `ConditionalGenerator.sample` returns.
+        redrawn: Draws of the event that fell outside the sane region of model space
+            (`flowrecon.guard.Support`) and were drawn again (int64).
+        unresolved: Of those, draws still outside after the redraw rounds, replaced by
+            accepted draws of the same event (or projected, when none was accepted);
+            non-zero means the samples of this event are not to be trusted (int64).
+        condition_log_prob: Log-density of the condition under the model's condition
+            density (float64), or None for a model without one.
+        in_domain: Whether the condition lies where the training conditions did (bool),
+            or None for a model without a condition density.
+    """
+
+    samples: Any
+    redrawn: Any
+    unresolved: Any
+    condition_log_prob: Any
+    in_domain: Any
 
 
 class NotFittedError(RuntimeError):
@@ -87,8 +160,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is None:
@@ -111,8 +186,8 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _as_tensor(a: Any, what: str, device: torch.device) -> Tensor:
-    """Numeric array-like or tensor -> float64 tensor on device; rejects NaN/Inf."""
+def _as_tensor(a: Any, what: str, device: torch.device, *, finite: bool = True) -> Tensor:
+    """Numeric array-like or tensor -> float64 tensor on device; rejects NaN/Inf if finite."""
     if isinstance(a, Tensor):
         if a.is_complex() or a.dtype == torch.bool:
             raise ValueError(f"{what} must be real numbers, got dtype {a.dtype}")
@@ -126,12 +201,28 @@ def _as_tensor(a: Any, what: str, device: torch.device) -> Tensor:
         t = torch.as_tensor(arr, dtype=torch.float64, device=device)
     if t.dim() == 0:
         raise ValueError(f"{what} must have at least one dimension (its columns), got a scalar")
-    bad = ~torch.isfinite(t).reshape(-1, t.shape[-1]).all(-1) if t.numel() else None
+    bad = ~torch.isfinite(t).reshape(-1, t.shape[-1]).all(-1) if t.numel() and finite else None
     if bad is not None and bad.any():
         rows = bad.nonzero().flatten()
         first = ", ".join(str(int(r)) for r in rows[:5])
         raise ValueError(f"{what} contains NaN or Inf in {len(rows)} rows (first: {first})")
     return t
+
+
+def _first_rows(mask: Tensor) -> tuple[int, str]:
+    rows = mask.reshape(-1).nonzero().flatten()
+    return len(rows), ", ".join(str(int(r)) for r in rows[:5])
+
+
+def _check_float32_range(t: Tensor, what: str) -> None:
+    """Rejects rows with a value beyond the float32 range, naming them."""
+    big = (t.abs() > FLOAT32_MAX).reshape(-1, t.shape[-1]).any(-1)
+    if big.any():
+        count, first = _first_rows(big)
+        raise ValueError(
+            f"{what} has values beyond the float32 range (|value| > {FLOAT32_MAX:.3g}) in "
+            f"{count} rows (first: {first}); the networks compute in float32"
+        )
 
 
 def _check_columns(t: Tensor, what: str, expected: int, like: str) -> None:
@@ -155,6 +246,8 @@ def _split(
     _check_2d(x_all, "x")
     _check_2d(y_all, "y")
     _check_rows(x_all, y_all, "x", "y")
+    _check_float32_range(x_all, "x")
+    _check_float32_range(y_all, "y")
     if (x_val is None) != (y_val is None):
         raise ValueError("give both x_val and y_val, or neither")
     if x_val is not None:
@@ -164,16 +257,37 @@ def _split(
         _check_columns(x_va, "x_val", x_all.shape[1], "training target")
         _check_columns(y_va, "y_val", y_all.shape[1], "training condition")
         _check_rows(x_va, y_va, "x_val", "y_val")
+        _check_float32_range(x_va, "x_val")
+        _check_float32_range(y_va, "y_val")
+        _check_enough_rows(x_all.shape[0], x_va.shape[0], "given")
         return x_all, y_all, x_va, y_va
+    if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if val_fraction == 0:
+        _check_enough_rows(x_all.shape[0], 0, "none")
         return x_all, y_all, None, None
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if x_all.shape[0] < 2:
-        raise ValueError("need at least 2 rows to hold out a validation set")
+    _check_enough_rows(x_all.shape[0], 0, "split")
     parts = split_indices(x_all.shape[0], seed, (1 - val_fraction, val_fraction))
+    if len(parts[0]) < 2 or len(parts[1]) < 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} of {x_all.shape[0]} rows leaves {len(parts[0])} "
+            f"training and {len(parts[1])} validation rows; need at least 2 and 1"
+        )
     i_tr, i_va = (torch.as_tensor(i, device=device) for i in parts)
     return x_all[i_tr], y_all[i_tr], x_all[i_va], y_all[i_va]
+
+
+def _check_enough_rows(n_train: int, n_val: int, validation: str) -> None:
+    """At least `MIN_FIT_ROWS` rows in all, 2 of them for training (and 1 to validate)."""
+    total = n_train + n_val
+    if total < MIN_FIT_ROWS or n_train < 2 or (validation == "given" and n_val < 1):
+        raise ValueError(
+            f"fit needs at least {MIN_FIT_ROWS} rows (at least 2 to train on and, with "
+            f"validation data, 1 to validate on); got {n_train} training and {n_val} "
+            "validation rows"
+            if validation == "given"
+            else f"fit needs at least {MIN_FIT_ROWS} rows of x and y, got {n_train}"
+        )
 
 
 def _check_rows(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
@@ -185,7 +299,12 @@ def _check_rows(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def _output(t: Tensor, like: Any) -> Any:
-    """Numpy in -> numpy out (float64, or the input's float dtype); torch in -> torch out."""
+    """Numpy in -> numpy out (float64, or the input's float dtype); torch in -> torch out.
+
+    Integer and boolean results (counts, flags) keep their dtype.
+    """
+    if not t.is_floating_point():
+        return t.to(like.device) if isinstance(like, Tensor) else t.detach().cpu().numpy()
     if isinstance(like, Tensor):
         dtype = like.dtype if like.is_floating_point() else torch.float64
         return t.to(device=like.device, dtype=dtype)
@@ -213,9 +332,105 @@ def _backend_version(package: str) -> str | None:
         return None
 
 
+def _encode(
+    pipeline: Pipeline, x: Tensor, y: Tensor, xname: str, yname: str
+) -> tuple[Tensor, Tensor]:
+    """Training rows in model space, float32; rows that overflow on the way are an error."""
+    xm, ym = pipeline.encode_x(x, y), pipeline.encode_y(y)
+    for t, what in ((xm, xname), (ym, yname)):
+        bad = ~torch.isfinite(t.float()).all(-1)
+        if bad.any():
+            count, first = _first_rows(bad)
+            raise ValueError(
+                f"{what} overflows in preprocessing (pair transform, whitening, scaling) in "
+                f"{count} rows (first: {first}); check these rows for extreme values"
+            )
+    return xm.float(), ym.float()
+
+
+#: Defaults of the condition density `fit` trains (options of `flowrecon.density.Density`
+#: and of its ``fit``). Small and quick: a seeded subset of at most 50,000 rows, a few
+#: epochs, and at most 2 minutes (or a quarter of the fit's own ``max_minutes``).
+CONDITION_DENSITY: dict[str, Any] = {
+    "transforms": 3,
+    "hidden": 64,
+    "hidden_layers": 2,
+    "bins": 8,
+    "quantile": 1e-3,
+    "epochs": 30,
+    "batch_size": 512,
+    "lr": 2e-3,
+    "patience": 3,
+    "max_minutes": 2.0,
+    "max_rows": 50_000,
+}
+
+
+def _condition_density_options(
+    setting: bool | Mapping[str, Any], training: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The condition density's options from ``fit``'s argument (None: none is fitted)."""
+    if setting is False or setting is None:
+        return None
+    given = {} if setting is True else dict(setting)
+    unknown = set(given) - set(CONDITION_DENSITY)
+    if unknown:
+        raise ValueError(
+            f"unknown condition_density option {sorted(unknown)[0]!r}; valid: "
+            + ", ".join(CONDITION_DENSITY)
+        )
+    options = {**CONDITION_DENSITY, **given}
+    if "max_minutes" not in given and training.get("max_minutes") is not None:
+        options["max_minutes"] = min(options["max_minutes"], 0.25 * training["max_minutes"])
+    return options
+
+
+def _fit_condition_density(
+    pipeline: Pipeline,
+    y_tr: Tensor,
+    y_va: Tensor | None,
+    options: Mapping[str, Any],
+    seed: int,
+    device: torch.device,
+) -> Density | None:
+    """Fits the density of the conditions after the pair transform; None (and a warning)
+    when it cannot be fitted, since the model itself is still usable."""
+    made = set(inspect.signature(Density).parameters)
+    density = Density(
+        **{k: v for k, v in options.items() if k in made}, seed=seed, device=str(device)
+    )
+    features = pipeline.pair.forward_y(y_tr)
+    features_val = None if y_va is None else pipeline.pair.forward_y(y_va)
+    try:
+        return density.fit(
+            features, features_val, **{k: v for k, v in options.items() if k not in made}
+        )
+    except ValueError as err:
+        warnings.warn(
+            f"no condition density (out-of-distribution flags) for this model: {err}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 #: Fewest validation rows `fit` calibrates the temperature on, most rounds it takes, and
 #: the distance from the nominal coverage at which it stops.
 _MIN_CALIBRATION_ROWS, _CALIBRATION_ROUNDS, _CALIBRATION_TOL = 50, 8, 0.002
+
+#: Range of temperatures `calibrate` may set, and how much it may let the posterior
+#: mean's typical error on the calibration rows grow (a fraction of it): a temperature
+#: exists to widen or narrow the posterior, not to move it.
+_TEMPERATURE_RANGE, _MEAN_ERROR_GROWTH = (0.01, 100.0), 0.10
+
+
+def _mean_error(draws: np.ndarray, truth: np.ndarray) -> float:
+    """Median over rows of the distance between the posterior mean and the truth.
+
+    The median, since a few rows with a wide or multimodal posterior have sample means
+    that swing with any change of the draws and would dominate a mean over rows.
+    """
+    return float(np.median(np.linalg.norm(draws.mean(0) - truth, axis=-1)))
 
 
 def _coverage_and_scale(draws: np.ndarray, truth: np.ndarray, level: float) -> tuple[float, float]:
@@ -255,9 +470,9 @@ class ConditionalGenerator:
         y_scaler: The same for y.
         whitening: Drop null directions of x and whiten it (`Whitening`); a float sets
             its relative tolerance; False turns it off.
-        transform: Pair transform applied first: ``"auto"`` (the CEI momentum frame for
-            data with 9 target and 9 condition columns, else none), ``"none"``/``"lab"``
-            (the user's own frame), or a registered name such as ``"cei-momentum-frame"``.
+        transform: Pair transform applied first: ``"none"``/``"lab"`` (the user's own
+            frame, the default) or a registered name such as ``"cei-momentum-frame"``
+            (a `flowrecon.system.System` names its own as ``system.transform``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
         seed: Seed of initialisation, the internal validation split and batch order.
         training: Default keyword arguments of `fit` (e.g. ``{"epochs": 50}``).
@@ -271,7 +486,7 @@ class ConditionalGenerator:
         x_scaler: str = "standard",
         y_scaler: str = "standard",
         whitening: bool | float = True,
-        transform: str = "auto",
+        transform: str = "none",
         device: str = "auto",
         seed: int = 0,
         training: Mapping[str, Any] | None = None,
@@ -321,12 +536,14 @@ class ConditionalGenerator:
         *,
         val_fraction: float = 0.15,
         calibrate: bool = True,
+        condition_density: bool | Mapping[str, Any] = True,
         **train_kwargs: Any,
     ) -> ConditionalGenerator:
         """Builds preprocessing and estimator from the data and trains; returns self.
 
         Args:
-            x: Targets ``(N, Dx)``, numpy or torch.
+            x: Targets ``(N, Dx)``, numpy or torch; at least `MIN_FIT_ROWS` rows, finite
+                and within the float32 range.
             y: Conditions ``(N, Dy)``.
             x_val, y_val: Validation data; when absent a seeded ``val_fraction`` of the
                 rows is held out (``val_fraction=0`` trains on all rows and monitors the
@@ -335,11 +552,18 @@ class ConditionalGenerator:
             calibrate: After training, set the sampling temperature so that 90 % central
                 intervals cover 90 % of the validation data (`calibrate`); skipped
                 without validation data.
+            condition_density: Also fit a small density of the conditions
+                (`flowrecon.density.Density`, after the pair transform) that flags events
+                unlike the training data (`in_domain`). A mapping sets its options:
+                those of ``Density`` (transforms, hidden, hidden_layers, bins, quantile)
+                and of ``Density.fit`` (epochs, batch_size, lr, patience, max_minutes,
+                max_rows); see `CONDITION_DENSITY` for the defaults. False skips it.
             **train_kwargs: Options of `flowrecon.training.train` (epochs, batch_size,
                 lr, patience, min_delta, clip_grad, l1, l2, physics_loss,
                 physics_weights, max_minutes, checkpoint_path, quiet, ...), overriding
-                the preset's and ``training``. ``checkpoint_path`` saves the whole
-                generator (loadable with `flowrecon.load`) at every improvement.
+                the preset's and ``training``; their ranges are checked before any work
+                (`flowrecon.training.check_training_options`). ``checkpoint_path`` saves
+                the whole generator (loadable with `flowrecon.load`) at every improvement.
         """
         model, hparams, preset_training = registry.resolve(self.name, self.hparams)
         options = {**preset_training, **self.training, **train_kwargs}
@@ -350,15 +574,17 @@ class ConditionalGenerator:
                     f"unknown training option {key!r}.{registry.did_you_mean(key, list(valid))} "
                     f"Valid: {', '.join(valid)}"
                 )
+        check_training_options(options)
+        density_options = _condition_density_options(condition_density, options)
         device = resolve_device(self.device)
         x_tr, y_tr, x_va, y_va = _split(x, y, x_val, y_val, val_fraction, self.seed, device)
 
         pipeline = Pipeline(self.x_scaler, self.y_scaler, self.whitening, self.transform)
         pipeline.fit(x_tr, y_tr)
-        xm, ym = pipeline.encode_x(x_tr, y_tr).float(), pipeline.encode_y(y_tr).float()
+        xm, ym = _encode(pipeline, x_tr, y_tr, "x", "y")
         xm_va = ym_va = None
         if x_va is not None and y_va is not None:
-            xm_va, ym_va = pipeline.encode_x(x_va, y_va).float(), pipeline.encode_y(y_va).float()
+            xm_va, ym_va = _encode(pipeline, x_va, y_va, "x_val", "y_val")
 
         if options.get("physics_loss") is not None:
             users = {"train": (x_tr, y_tr), "val": (x_va, y_va)}
@@ -384,10 +610,15 @@ class ConditionalGenerator:
             estimator = estimator.to(device)
             # Set the fitted attributes now, so that a checkpoint is a loadable model.
             self.model_, self.hparams_ = model, hparams
+            self.hparams_full_ = {**registry.hparam_defaults(model), **hparams}
             self.x_dim_, self.y_dim_ = x_tr.shape[1], y_tr.shape[1]
             self.device_, self.preprocessing_, self.estimator_ = device, pipeline, estimator
             self.history_ = History()
             self.temperature_ = 1.0
+            self.support_ = Support.fit(xm)
+            self.condition_scale_ = ym.abs().amax(0).double().clamp_min(1.0)
+            self.condition_density_ = None
+            self.calibration_ = None
             if checkpoint is not None:
                 options["on_checkpoint"] = lambda epoch: self.save(checkpoint)
             try:
@@ -396,18 +627,66 @@ class ConditionalGenerator:
                 for attr in _FITTED:  # a failed fit leaves the model unfitted
                     self.__dict__.pop(attr, None)
                 raise
-        if calibrate and x_va is not None and x_va.shape[0] >= _MIN_CALIBRATION_ROWS:
-            self.calibrate(x_va, y_va, seed=self.seed)
+        if self.history_.stopped == "interrupted":
+            # The user asked to stop: the best state is kept, the extras are not fitted.
+            warnings.warn(
+                "training was interrupted: the model keeps its best state but has no "
+                "condition density and no calibrated temperature",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            if density_options is not None:
+                self.condition_density_ = _fit_condition_density(
+                    pipeline, y_tr, y_va, density_options, self.seed, device
+                )
+            if calibrate and x_va is not None and x_va.shape[0] >= _MIN_CALIBRATION_ROWS:
+                self.calibrate(x_va, y_va, seed=self.seed)
         if checkpoint is not None:
             self.save(checkpoint)  # the final state: best weights, end-of-fit statistics, history
         return self
 
     # -- inference ---------------------------------------------------------------------
 
-    def _condition(self, y: Any) -> Tensor:
-        yt = _as_tensor(y, "y", self.device_)
+    def _condition(self, y: Any, *, finite: bool = True) -> Tensor:
+        yt = _as_tensor(y, "y", self.device_, finite=finite)
         _check_columns(yt, "y", self.y_dim_, "training condition")
         return yt
+
+    def _model_condition(self, yf: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``(B, Dy)`` in model space (float64), and which are representable."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # overflow in the pair transform is reported below
+            ym = self.preprocessing_.encode_y(yf)
+        limit = REPRESENTABLE * (
+            self.condition_scale_.to(ym) if self.condition_scale_ is not None else 1.0
+        )
+        ok = torch.isfinite(ym).all(-1) & (ym.abs() <= limit).all(-1)
+        return ym, ok
+
+    def representable(self, y: Any) -> Any:
+        """Whether each condition row is within what the model can represent, ``y.shape[:-1]``.
+
+        False for rows with NaN or Inf, rows that overflow in preprocessing, and rows more
+        than `REPRESENTABLE` times beyond the training conditions' largest model-space
+        magnitude; ``sample`` and ``log_prob`` reject such rows, so screen with this first
+        to drop and count them.
+        """
+        self._check_fitted("representable()")
+        yt = self._condition(y, finite=False)
+        _, ok = self._model_condition(yt.reshape(-1, self.y_dim_))
+        return _output(ok.reshape(yt.shape[:-1]), y)
+
+    def _representable_or_raise(self, yf: Tensor) -> Tensor:
+        ym, ok = self._model_condition(yf)
+        if not ok.all():
+            count, first = _first_rows(~ok)
+            raise ValueError(
+                f"y is beyond the range the model can represent in {count} rows (first: "
+                f"{first}): in model space they overflow or lie over {REPRESENTABLE:.0e} times "
+                "beyond the training conditions; screen rows with model.representable(y)"
+            )
+        return ym
 
     def sample(
         self,
@@ -417,11 +696,18 @@ class ConditionalGenerator:
         seed: int | None = None,
         max_chunk: int | None = None,
         temperature: float | None = None,
+        guard: bool = True,
+        return_diagnostics: bool = False,
     ) -> Any:
         """Draws n samples of x for each condition row, in the user's space.
 
+        Every draw is finite and inside the sane region of model space learned from the
+        training targets: draws outside it are drawn again (see `flowrecon.guard`), and
+        ``return_diagnostics=True`` says per event how many were.
+
         Args:
-            y: Conditions ``(..., Dy)``, numpy or torch.
+            y: Conditions ``(..., Dy)``, numpy or torch. Rows with NaN or Inf, or beyond
+                what the model can represent (`representable`), are an error.
             n: Samples per condition.
             seed: Seed for reproducible samples (the caller's RNG state is untouched).
                 The same seed gives the same samples on the same device and with the
@@ -431,38 +717,134 @@ class ConditionalGenerator:
                 chunk by chunk for numpy input.
             temperature: Scale of the latent draw, z ~ N(0, T^2 I); None uses the
                 model's calibrated ``temperature_`` (1 for an uncalibrated model).
+            guard: Redraw draws outside the sane region (default); False returns the
+                estimator's raw draws, runaways included.
+            return_diagnostics: Return a `SampleDiagnostics` (samples, per-event redrawn
+                and unresolved counts, condition log-density and in-domain flag) instead
+                of the samples alone.
 
         Returns:
             ``(n, *y.shape[:-1], Dx)``: numpy for numpy input, torch (on y's device) for
-            torch input.
+            torch input; or a `SampleDiagnostics` holding them.
         """
         self._check_fitted("sample()")
-        if int(n) < 1:
-            raise ValueError(f"n must be a positive integer, got {n}")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
         n = int(n)
         temp = self._temperature(temperature)
         yt = self._condition(y)
         batch_shape = yt.shape[:-1]
         yf = yt.reshape(-1, self.y_dim_)
-        max_chunk = _chunk(max_chunk, self.device_)
+        ym = self._representable_or_raise(yf)
+        support = None
+        if guard:  # files of format 1 have no support: then only non-finite draws are redrawn
+            support = self.support_
+            if support is None:
+                support = Support.unbounded(self.preprocessing_.model_x_dim)
+        with torch.no_grad(), seeded(seed, self.device_):
+            out, redrawn, unresolved = self._draw(
+                yf, ym, n, temp, _chunk(max_chunk, self.device_), support, not isinstance(y, Tensor)
+            )
+        samples = _output(out.reshape(n, *batch_shape, self.x_dim_), y)
+        if not return_diagnostics:
+            return samples
+        lp = inside = None
+        if self.condition_density_ is not None:
+            features = self._pair_features(yf)
+            lp = self.condition_density_._log_prob(features).reshape(batch_shape)
+            inside = self.condition_density_.in_domain(features).reshape(batch_shape)
+        return SampleDiagnostics(
+            samples,
+            _output(redrawn.reshape(batch_shape), y),
+            _output(unresolved.reshape(batch_shape), y),
+            None if lp is None else _output(lp, y),
+            None if inside is None else _output(inside, y),
+        )
+
+    def _draw(
+        self,
+        yf: Tensor,
+        ym: Tensor,
+        n: int,
+        temp: float,
+        max_chunk: int,
+        support: Support | None,
+        to_host: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """n draws per condition, chunk by chunk, guarded; with per-event redraw counts.
+
+        ``yf`` ``(B, Dy)`` user conditions, ``ym`` the same in model space (float64).
+        Returns the samples ``(n, B, Dx)`` in the user's space (on the host when
+        ``to_host``) and the redrawn and unresolved counts ``(B,)``.
+        """
         per_draw = max(1, min(n, max_chunk))  # samples per condition drawn at once
         rows = max(1, max_chunk // per_draw)  # conditions per chunk
-        on_cpu = not isinstance(y, Tensor)
-        chunks = []
+        redrawn = torch.zeros(yf.shape[0], dtype=torch.int64, device=self.device_)
+        unresolved = torch.zeros_like(redrawn)
         est, pipe = self.estimator_, self.preprocessing_
         est.eval()
-        with torch.no_grad(), seeded(seed, self.device_):
-            for start in range(0, yf.shape[0], rows):
-                yc = yf[start : start + rows]
-                ym = pipe.encode_y(yc).float()
-                draws = []
-                for done in range(0, n, per_draw):
-                    xs = est.sample(min(per_draw, n - done), ym, temperature=temp)
-                    xu = pipe.decode_x(xs.to(torch.float64), yc)
-                    draws.append(xu.cpu() if on_cpu else xu)
-                chunks.append(torch.cat(draws, 0))
+        chunks = []
+        for start in range(0, yf.shape[0], rows):
+            yc, ymc = yf[start : start + rows], ym[start : start + rows].float()
+
+            def again(m: int, events: Tensor, ymc: Tensor = ymc) -> Tensor:
+                return est.sample(m, ymc[events], temperature=temp)
+
+            draws = []
+            for done in range(0, n, per_draw):
+                xs = est.sample(min(per_draw, n - done), ymc, temperature=temp)
+                if support is not None:
+                    xs, r, u = redraw(xs, again, support)
+                    redrawn[start : start + rows] += r
+                    unresolved[start : start + rows] += u
+                xu = pipe.decode_x(xs.to(torch.float64), yc)
+                draws.append(xu.cpu() if to_host else xu)
+            chunks.append(torch.cat(draws, 0))
         out = torch.cat(chunks, 1) if chunks else yf.new_zeros(n, 0, self.x_dim_)
-        return _output(out.reshape(n, *batch_shape, self.x_dim_), y)
+        return out, redrawn, unresolved
+
+    def condition_log_prob(self, y: Any) -> Any:
+        """Log-density of each condition row under the model's condition density.
+
+        Shape ``y.shape[:-1]``, float64; -inf for rows with NaN or Inf or too far out to
+        evaluate. The density is over the conditions after the pair transform (for CEI,
+        the momenta in their own frame), on the subspace the training conditions span.
+
+        Raises:
+            ValueError: The model has no condition density (``fit(condition_density=False)``
+                or a file written before it existed).
+        """
+        density = self._condition_density("condition_log_prob()")
+        yt = self._condition(y, finite=False)
+        features = self._pair_features(yt.reshape(-1, self.y_dim_))
+        return _output(density._log_prob(features).reshape(yt.shape[:-1]), y)
+
+    def in_domain(self, y: Any) -> Any:
+        """Whether each condition row lies where the training conditions did, ``y.shape[:-1]``.
+
+        True when its condition log-density is at least the model's threshold (the 0.1 %
+        quantile over the validation conditions, `CONDITION_DENSITY`) and it has no
+        component along a direction the training conditions never varied in. Rows with
+        NaN or Inf are False.
+        """
+        density = self._condition_density("in_domain()")
+        yt = self._condition(y, finite=False)
+        features = self._pair_features(yt.reshape(-1, self.y_dim_))
+        return _output(density.in_domain(features).reshape(yt.shape[:-1]), y)
+
+    def _condition_density(self, action: str) -> Density:
+        self._check_fitted(action)
+        if self.condition_density_ is None:
+            raise ValueError(
+                f"this model has no condition density, so {action} is unavailable: fit it "
+                "with condition_density=True (the default) to get out-of-distribution flags"
+            )
+        return self.condition_density_
+
+    def _pair_features(self, yf: Tensor) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.preprocessing_.pair.forward_y(yf)
 
     def log_prob(
         self, x: Any, y: Any, *, max_chunk: int | None = None, temperature: float | None = None
@@ -474,7 +856,8 @@ class ConditionalGenerator:
         density on the subspace spanned by the training x (see `flowrecon.preprocessing`).
         Gradients flow when a torch input requires them. It is the density that `sample`
         draws from: at the model's calibrated ``temperature_`` unless ``temperature`` is
-        given (1 gives the trained flow's own density).
+        given (1 gives the trained flow's own density). Rows of y (or x) beyond what the
+        model can represent (`representable`) are an error, as are NaN and Inf.
         """
         self._check_fitted("log_prob()")
         if not self.has_density:
@@ -494,6 +877,8 @@ class ConditionalGenerator:
                 "x and y must have matching leading shapes, "
                 f"got {tuple(xt.shape)} and {tuple(yt.shape)}"
             ) from None
+        with torch.no_grad():
+            self._representable_or_raise(yt.reshape(-1, self.y_dim_))
         xf = xt.expand(*shape, self.x_dim_).reshape(-1, self.x_dim_)
         yf = yt.expand(*shape, self.y_dim_).reshape(-1, self.y_dim_)
         grad = any(isinstance(a, Tensor) and a.requires_grad for a in (x, y))
@@ -505,7 +890,9 @@ class ConditionalGenerator:
             max_chunk = _chunk(max_chunk, self.device_)
             for start in range(0, xf.shape[0], max_chunk):
                 xc, yc = xf[start : start + max_chunk], yf[start : start + max_chunk]
-                xm, ym = pipe.encode_x(xc, yc).float(), pipe.encode_y(yc).float()
+                xm64 = pipe.encode_x(xc, yc)
+                self._check_target_range(xm64, start)
+                xm, ym = xm64.float(), pipe.encode_y(yc).float()
                 if temp == 1.0:
                     lp = est.log_prob(xm, ym)
                 else:  # z = f(x) ~ N(0, T^2 I): the density the tempered samples follow
@@ -514,6 +901,21 @@ class ConditionalGenerator:
                 out.append(lp.to(torch.float64) + pipe.log_abs_det_x(xc, yc))
         lp = torch.cat(out) if out else xf.new_zeros(0)
         return _output(lp.reshape(shape), x)
+
+    def _check_target_range(self, xm: Tensor, offset: int) -> None:
+        """Rejects x rows (of the broadcast, flattened batch) beyond the representable range."""
+        if self.support_ is None:
+            return
+        limit = REPRESENTABLE * self.support_.limit().to(xm)
+        bad = ~(torch.isfinite(xm).all(-1) & (xm.detach().abs() <= limit).all(-1))
+        if bad.any():
+            count, first = _first_rows(bad)
+            first = ", ".join(str(offset + int(r)) for r in first.split(", "))
+            raise ValueError(
+                f"x is beyond the range the model can represent in {count} rows of the "
+                f"broadcast batch (first: {first}): in model space they overflow or lie over "
+                f"{REPRESENTABLE:.0e} times beyond the training targets"
+            )
 
     def _temperature(self, temperature: float | None) -> float:
         t = self.temperature_ if temperature is None else float(temperature)
@@ -534,16 +936,23 @@ class ConditionalGenerator:
         """Sets ``temperature_`` so that central ``level`` intervals cover held-out data.
 
         A flow trained by maximum likelihood for a limited time is usually too wide on
-        data whose posterior is narrow (noise-free momenta) and a cVAE too narrow: one
-        scale of the latent draw, z ~ N(0, T^2 I), fixes the calibration without touching
-        the posterior mean. T is found on held-out rows (never the test set): the scale of
-        the samples about their mean that would make the empirical coverage equal
-        ``level`` is computed in closed form, T is multiplied by it, and this is repeated
-        until the coverage is within 0.002 of ``level`` (at most eight rounds: flows need
-        two or three, a cVAE's decoder responds less than linearly to T and needs more).
-        The coverage of correlated coordinates of one event moves together, so its
-        statistical error is about that of a binomial over the rows: +-0.005 for the
-        default 4,000 rows.
+        data whose posterior is narrow (noise-free momenta): one scale of the latent
+        draw, z ~ N(0, T^2 I), fixes the calibration. T is found on held-out rows (never
+        the test set): the scale of the samples about their mean that would make the
+        empirical coverage equal ``level`` is computed in closed form, T is multiplied by
+        it, and this is repeated until the coverage is within 0.002 of ``level`` (or half
+        its binomial error on fewer than ~5,000 rows; at most eight rounds, flows need
+        two or three). The coverage of correlated
+        coordinates of one event moves together, so its statistical error is about that
+        of a binomial over the rows: +-0.005 for the default 4,000 rows.
+
+        Guards, so that a temperature never does harm: T stays within [0.01, 100]; a T
+        that makes the posterior mean's typical error on these rows (the median over
+        rows) grow by more than 10 % (a decoder that answers a large latent scale by
+        moving its output, not widening it) is not taken, the last one that did not is
+        kept. When the coverage was not
+        reached, a `RuntimeWarning` says why, and ``calibration_`` records it: the
+        temperature, the coverage before and after, rounds, ``converged``, ``reason``.
 
         Args:
             x, y: Held-out targets and conditions (e.g. the validation split).
@@ -562,14 +971,57 @@ class ConditionalGenerator:
         yt = self._condition(y)[:max_rows]
         _check_rows(xt, yt, "x", "y")
         truth = xt.reshape(-1, self.x_dim_).cpu().numpy()
-        temp = 1.0
+        lo, hi = _TEMPERATURE_RANGE
+        # Half the coverage's binomial error, so that few rows do not chase noise.
+        tolerance = max(_CALIBRATION_TOL, 0.5 * math.sqrt(level * (1 - level) / truth.shape[0]))
+        temp, good, reason = 1.0, None, ""
+        record: dict[str, Any] = {"level": level, "rows": int(truth.shape[0]), "rounds": 0}
         for _ in range(_CALIBRATION_ROUNDS):
-            draws = self.sample(yt, n, seed=seed, temperature=temp)
-            coverage, scale = _coverage_and_scale(draws.cpu().numpy(), truth, level)
-            if abs(coverage - level) <= _CALIBRATION_TOL or not math.isfinite(scale):
+            draws = self.sample(yt, n, seed=seed, temperature=temp).cpu().numpy()
+            record["rounds"] += 1
+            coverage, scale = _coverage_and_scale(draws, truth, level)
+            error = _mean_error(draws, truth)
+            if good is None:
+                record.update(coverage_before=coverage, mean_error_before=error)
+            elif not error <= (1 + _MEAN_ERROR_GROWTH) * record["mean_error_before"]:
+                reason = (
+                    f"temperature {temp:.3g} moved the posterior mean (its error grew from "
+                    f"{record['mean_error_before']:.3g} to {error:.3g}); kept {good[0]:.3g}"
+                )
                 break
-            temp = float(min(max(temp * scale, 1e-3), 1e3))
-        self.temperature_ = temp
+            good = (temp, coverage, error)
+            if abs(coverage - level) <= tolerance:
+                break
+            if not math.isfinite(scale):
+                reason = "the samples have no spread to scale"
+                break
+            wanted = temp * scale
+            if not lo <= wanted <= hi:
+                if temp in (lo, hi):
+                    reason = f"the temperature reached its bound {temp:g} (wanted {wanted:.3g})"
+                    break
+                wanted = min(max(wanted, lo), hi)
+            temp = float(wanted)
+        else:
+            reason = f"the coverage did not reach {level} within {_CALIBRATION_ROUNDS} rounds"
+        assert good is not None
+        temp, coverage, error = good
+        converged = abs(coverage - level) <= tolerance
+        record.update(
+            temperature=temp,
+            coverage_after=coverage,
+            mean_error_after=error,
+            converged=converged,
+            reason="" if converged else reason,
+        )
+        if not converged:
+            warnings.warn(
+                f"calibration of {self.model_!r} stopped at temperature {temp:.3g} with "
+                f"coverage {coverage:.3f} instead of {level}: {reason}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.temperature_, self.calibration_ = temp, record
         return temp
 
     # -- persistence -------------------------------------------------------------------
@@ -600,6 +1052,9 @@ class ConditionalGenerator:
             "model": self.model_,
             "hparams": self.hparams,
             "hparams_resolved": self.hparams_,
+            # Every hyper-parameter, defaults included: a later flowrecon with other
+            # defaults rebuilds the same network.
+            "hparams_full": self.hparams_full_,
             "options": {
                 "x_scaler": self.x_scaler,
                 "y_scaler": self.y_scaler,
@@ -615,6 +1070,12 @@ class ConditionalGenerator:
             "estimator": cpu(self.estimator_.state_dict()),
             "history": self.history_.to_dict(),
             "temperature": self.temperature_,
+            "calibration": self.calibration_,
+            "support": None if self.support_ is None else self.support_.state_dict(),
+            "condition_scale": cpu(self.condition_scale_),
+            "condition_density": (
+                None if self.condition_density_ is None else self.condition_density_.state_dict()
+            ),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -646,32 +1107,80 @@ def make(name: str, **kwargs: Any) -> ConditionalGenerator:
         options.get("y_scaler", "standard"),
         options.get("whitening", True),
     )
-    if options.get("transform", "auto") != "auto":
-        resolve_transform(options["transform"], 0, 0)
+    resolve_transform(options.get("transform", "none"))
     resolve_device(options.get("device", "auto"))
     return ConditionalGenerator(name, kwargs, **options)
 
 
-def load(path: str | os.PathLike, *, device: str = "auto") -> ConditionalGenerator:
+def load(
+    path: str | os.PathLike, *, device: str = "auto", model: str | None = None
+) -> ConditionalGenerator:
     """Reads a model written by `ConditionalGenerator.save`.
 
     Only tensors and plain values are read (``torch.load(weights_only=True)``): a model
-    file cannot run code.
+    file cannot run code. Every way a file can be wrong (not a PyTorch file, another kind
+    of file, missing or mistyped entries, hyper-parameters this flowrecon does not know,
+    weights that do not fit the saved model) is a one-line ``ValueError`` naming the file.
+
+    Args:
+        path: The model file.
+        device: Where to put the model (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
+        model: The model the caller expects (a registered name, short name or preset);
+            a file holding another model is an error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
+    state = read_state(path, FORMAT, "flowrecon model file")
+    version = state.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path} is not a valid flowrecon model file (no format version)")
+    if version > FORMAT_VERSION:
+        written = (state.get("versions") or {}).get("flowrecon")
+        raise ValueError(f"{path} was written by a newer flowrecon ({written}); upgrade to read it")
+    dev = resolve_device(device)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a flowrecon model file ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a flowrecon model file")
-    if state.get("format_version", math.inf) > FORMAT_VERSION:
+        gen = _from_state(state, dev, device)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a valid flowrecon model file ({_one_line(err)})") from None
+    if model is not None:
+        expected = registry.resolve(model)[0]
+        if gen.model_ != expected:
+            raise ValueError(f"{path} holds a {gen.model_!r} model, not {expected!r}")
+    return gen
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _saved_hparams(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters to rebuild the saved network with, checked against the builder.
+
+    Files of format 1 saved only the hyper-parameters a user set: the rest are today's
+    defaults, except those whose default has changed since (`LEGACY_HPARAMS`).
+    """
+    name = state["model"]
+    if not isinstance(name, str) or name not in registry.MODELS:
+        raise ValueError(f"it holds an unknown model {name!r}")
+    if state["format_version"] >= 2:
+        saved = state["hparams_full"]
+    else:
+        saved = {**LEGACY_HPARAMS.get(name, {}), **state["hparams_resolved"]}
+    if not isinstance(saved, dict):
+        raise ValueError("its hyper-parameters are not a mapping")
+    known = registry.hparam_defaults(name)
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
         raise ValueError(
-            f"{path} was written by a newer flowrecon "
-            f"({state['versions'].get('flowrecon')}); upgrade flowrecon to read it"
+            f"it was saved with hyper-parameter {unknown[0]!r}, which model {name!r} of this "
+            "flowrecon does not have"
         )
+    return registry.coerce_hparams(name, saved)
+
+
+def _from_state(state: Mapping[str, Any], dev: torch.device, device: str) -> ConditionalGenerator:
+    """Rebuilds a fitted generator from a checked `read_state` dict."""
+    hparams_full = _saved_hparams(state)
     gen = ConditionalGenerator(
         state["name"],
         state["hparams"],
@@ -679,17 +1188,45 @@ def load(path: str | os.PathLike, *, device: str = "auto") -> ConditionalGenerat
         training=state["training"],
         **state["options"],
     )
-    dev = resolve_device(device)
     pipeline = Pipeline.from_state(state["preprocessing"]).to(dev)
+    if (pipeline.x_dim, pipeline.y_dim) != (state["x_dim"], state["y_dim"]):
+        raise ValueError("its preprocessing does not match its x and y widths")
     with seeded(gen.seed, dev):
         estimator: Estimator = registry.build_estimator(
-            state["model"], pipeline.model_x_dim, pipeline.model_y_dim, **state["hparams_resolved"]
+            state["model"], pipeline.model_x_dim, pipeline.model_y_dim, **hparams_full
         )
-    estimator.load_state_dict(state["estimator"])
+    try:
+        estimator.load_state_dict(state["estimator"])
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"its weights do not fit model {state['model']!r} with the saved hyper-parameters "
+            f"({_one_line(err)})"
+        ) from None
     estimator.to(dev).eval()
-    gen.model_, gen.hparams_ = state["model"], state["hparams_resolved"]
-    gen.x_dim_, gen.y_dim_ = state["x_dim"], state["y_dim"]
+    gen.model_, gen.hparams_ = state["model"], dict(state["hparams_resolved"])
+    gen.hparams_full_ = hparams_full
+    gen.x_dim_, gen.y_dim_ = int(state["x_dim"]), int(state["y_dim"])
     gen.device_, gen.preprocessing_, gen.estimator_ = dev, pipeline, estimator
     gen.history_ = History.from_dict(state["history"])
     gen.temperature_ = float(state.get("temperature", 1.0))  # files from before calibration
+    if not (math.isfinite(gen.temperature_) and gen.temperature_ > 0):
+        raise ValueError(f"its temperature {gen.temperature_} is not a positive number")
+    # Format 1 files have no support, condition scale, density or calibration record.
+    support = state.get("support")
+    gen.support_ = None if support is None else Support.from_state(support).to(dev)
+    if gen.support_ is not None and gen.support_.lo.shape != (pipeline.model_x_dim,):
+        raise ValueError("its support does not match the target's width in model space")
+    scale = state.get("condition_scale")
+    if scale is not None and not (
+        isinstance(scale, Tensor)
+        and scale.shape == (pipeline.model_y_dim,)
+        and bool(torch.isfinite(scale).all() and (scale > 0).all())
+    ):
+        raise ValueError("its condition scale is not a positive vector of the condition's width")
+    gen.condition_scale_ = None if scale is None else scale.to(dev, torch.float64)
+    density = state.get("condition_density")
+    gen.condition_density_ = (
+        None if density is None else Density.from_state(density, device=str(dev), source="it")
+    )
+    gen.calibration_ = state.get("calibration")
     return gen

@@ -26,16 +26,23 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["DataError", "ReadReport", "SUPPORTED_SUFFIXES", "read_table", "write_table"]
+__all__ = [
+    "DataError",
+    "ReadReport",
+    "SUPPORTED_SUFFIXES",
+    "TableWriter",
+    "read_table",
+    "write_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,12 @@ class ReadReport:
     n_rows_read: int
     n_rows_dropped: int = 0
     first_dropped_rows: tuple[int, ...] = ()
+    kept: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        """0-based data row number in the file of each row returned (input row identity)."""
+        return np.arange(self.n_rows_read) if self.kept is None else self.kept
 
     @property
     def n_rows(self) -> int:
@@ -139,6 +152,7 @@ def read_table(
         n_rows_read=n_read,
         n_rows_dropped=len(dropped),
         first_dropped_rows=tuple(int(i) + 1 for i in dropped[:_ROWS_IN_REPORT]),
+        kept=np.setdiff1d(np.arange(n_read), dropped) if len(dropped) else None,
     )
     return frame, report
 
@@ -149,7 +163,8 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     Parent folders are created. The file appears atomically: it is written to a temporary
     file in the same folder and renamed over ``path``, so an interrupted write never leaves
     a truncated table behind. The index is not written. CSV floats are written with the
-    shortest text that reads back to the same float64, so round trips are exact.
+    shortest text that reads back to the same float64, so round trips are exact. Parquet
+    pages carry CRC checksums, which :func:`read_table` verifies.
 
     Args:
         df: The table; column names must be unique.
@@ -167,35 +182,89 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"write_table expects a pandas DataFrame, got {type(df).__name__}")
-    source = str(path)
-    kind = _kind_of(path)
-    duplicated = _duplicates(str(c) for c in df.columns)
-    if duplicated:
-        raise DataError(f"{source}: cannot write duplicated column names {duplicated}")
+    with TableWriter(path) as writer:
+        writer.write(df)
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 lets the umask decide the permissions, as for an ordinary file;
-    # tempfile.mkstemp would leave the final file readable by its owner only.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if kind == "CSV":
-                gz = target.name.lower().endswith(".gz")
-                # mtime=0 keeps the gzip bytes reproducible for identical tables.
-                compression = {"method": "gzip", "mtime": 0} if gz else None
-                df.to_csv(handle, index=False, mode="wb", encoding="utf-8", compression=compression)
-            else:
-                table = pa.Table.from_pandas(df, preserve_index=False)
-                pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        tmp.unlink(missing_ok=True)
-        raise
+
+class TableWriter:
+    """Writes a table chunk by chunk, so that it need not fit in memory; atomic like
+    :func:`write_table` (the file appears on a clean exit of the ``with`` block only).
+
+    Example:
+        >>> import pandas as pd, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.parquet"
+        >>> with TableWriter(path) as w:
+        ...     w.write(pd.DataFrame({"x": [1.0]})); w.write(pd.DataFrame({"x": [2.0]}))
+        >>> read_table(path, ["x"])[0]["x"].tolist()
+        [1.0, 2.0]
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.source = str(path)
+        self.kind = _kind_of(path)
+        self.target = Path(path)
+        self.tmp = self.target.with_name(f".{self.target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        self._handle: BinaryIO | None = None
+        self._stream: BinaryIO | None = None
+        self._parquet: pq.ParquetWriter | None = None
+        self._columns: list[str] | None = None
+        self._chunks = 0
+
+    def __enter__(self) -> TableWriter:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 lets the umask decide the permissions, as for an ordinary
+        # file; tempfile.mkstemp would leave the final file readable by its owner only.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        self._handle = os.fdopen(os.open(self.tmp, flags, 0o666), "wb")
+        self._stream = self._handle
+        if self.kind == "CSV" and self.target.name.lower().endswith(".gz"):
+            # mtime=0 keeps the gzip bytes reproducible for identical tables.
+            self._stream = gzip.GzipFile(fileobj=self._handle, mode="wb", mtime=0)
+        return self
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Appends the rows of ``df``; every chunk must have the first chunk's columns."""
+        columns = [str(c) for c in df.columns]
+        if self._columns is None:
+            duplicated = _duplicates(columns)
+            if duplicated:
+                raise DataError(f"{self.source}: cannot write duplicated column names {duplicated}")
+            self._columns = columns
+        elif columns != self._columns:
+            raise DataError(f"{self.source}: a later chunk has other columns than the first")
+        assert self._stream is not None, "use TableWriter in a with block"
+        if self.kind == "CSV":
+            df.to_csv(self._stream, index=False, header=self._chunks == 0, mode="wb",
+                      encoding="utf-8")  # fmt: skip
+            self._chunks += 1
+            return
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if self._parquet is None:
+            self._parquet = pq.ParquetWriter(self._stream, table.schema, write_page_checksum=True)
+        self._parquet.write_table(table)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                if self._columns is None:
+                    raise DataError(f"{self.source}: nothing was written")
+                self._close()
+                os.replace(self.tmp, self.target)
+        finally:
+            # Also on KeyboardInterrupt: never leave the temporary file behind.
+            if self._handle is not None and not self._handle.closed:
+                self._handle.close()
+            self.tmp.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        assert self._handle is not None and self._stream is not None
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._stream is not self._handle:
+            self._stream.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +356,7 @@ def _raise_on_ragged_row(file: Path, source: str, n_fields: int) -> None:
                 if len(fields) != n_fields:
                     raise DataError(
                         f"{source}: data row {row} (line {line}) has {len(fields)} fields, "
-                        f"the header has {n_fields}"
+                        f"the header has {n_fields}{_separator_hint(_csv_header(file, source))}"
                     )
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{source}: cannot read CSV: {_one_line(err)}") from None
@@ -297,7 +366,9 @@ def _read_parquet(file: Path, source: str) -> pd.DataFrame:
     if file.stat().st_size == 0:
         raise DataError(f"{source}: file is empty")
     try:
-        with pq.ParquetFile(file) as parquet:
+        # Pages written with checksums (flowrecon writes them) are verified: a damaged
+        # file is refused instead of read as values like 9e33.
+        with pq.ParquetFile(file, page_checksum_verification=True) as parquet:
             names = parquet.schema_arrow.names
             duplicated = _duplicates(names)
             if duplicated:
@@ -457,16 +528,23 @@ def _where(mask: np.ndarray) -> str:
     return f", first at data rows {', '.join(map(str, rows))}"
 
 
+def _separator_hint(header: Sequence[object] | None) -> str:
+    """A hint when a one-field header looks separated by something other than commas."""
+    if header is None or len(header) != 1:
+        return ""
+    for separator, label in ((";", "';'"), ("\t", "tab"), (" ", "space")):
+        if separator in str(header[0]).strip():
+            decimal = " and decimal points" if separator == ";" else ""
+            return f" (the file looks {label}-separated; CSV files must use commas{decimal})"
+    return ""
+
+
 def _missing_message(source: str, missing: list[str], found: list[object]) -> str:
     plural = "s" if len(missing) > 1 else ""
     message = f"{source}: missing required column{plural} {_quoted(missing)}"
     message += f"; found {_quoted(found)}" if found else "; found no columns"
     # Two common near misses: another separator, and names differing in case or spaces.
-    if len(found) == 1:
-        for separator, label in ((";", "';'"), ("\t", "tab"), (" ", "space")):
-            if separator in str(found[0]).strip():
-                message += f" (the file looks {label}-separated; CSV files must use commas)"
-                break
+    message += _separator_hint(found)
     if found and all(_parse_number(str(f)) is not None for f in found):
         message += " (the first line holds numbers: the file needs a header naming the columns)"
     normalised = {str(f).strip().lstrip("#").strip().lower(): f for f in found}

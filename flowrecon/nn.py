@@ -126,6 +126,71 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value}")
 
 
+#: Soft bounds of the affine steps of MAF and RealNVP flows (zuko and nflows adapters),
+#: ``z = (x - loc) * exp(log_scale)`` in the direction data -> latent. Sampling runs the
+#: inverse, ``x = z * exp(-log_scale) + loc``: with ``log_scale >= -AFFINE_MAX_EXPANSION``
+#: a step widens its input by at most exp(2.5) = 12, and with ``|loc| < AFFINE_MAX_LOC``
+#: it moves it by a bounded amount whatever the other features are. Unbounded, an
+#: autoregressive step's shift grows with the features it depends on and the scale may
+#: reach 1e-3, so on a condition at the edge of the training data a few stacked steps
+#: compound into samples as large as 1e18 (seen with zuko's MAF). Contraction is bounded
+#: loosely (exp(7) ~ 1100 a step, zuko's own bound) since narrow posteriors need it.
+AFFINE_MAX_EXPANSION, AFFINE_MAX_CONTRACTION, AFFINE_MAX_LOC = 2.5, 7.0, 50.0
+
+
+def soft_clamp(u: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """Smooth, monotonic map of the reals onto ``(lower, upper)``, the identity near 0.
+
+    ``u / (1 + |u| / bound)`` with ``bound = upper`` for u >= 0 and ``-lower`` for u < 0
+    (``lower < 0 < upper``); slope 1 at 0, so it reparametrises rather than distorts small
+    values.
+
+    Example:
+        >>> soft_clamp(torch.tensor([-1e9, 0.0, 1.0, 1e9], dtype=torch.float64), -2.0, 7.0)
+        tensor([-2.0000,  0.0000,  0.8750,  7.0000], dtype=torch.float64)
+    """
+    bound = torch.where(u >= 0, upper, -lower).to(u.dtype)
+    return u / (1 + u.abs() / bound)
+
+
+def bounded_affine_parameters(
+    raw_loc: torch.Tensor, raw_log_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, log_scale) of a bounded affine step from unconstrained network outputs.
+
+    See `AFFINE_MAX_EXPANSION`. Zero outputs give the identity.
+
+    Example:
+        >>> loc, log_scale = bounded_affine_parameters(torch.zeros(2), torch.tensor([-1e9, 1e9]))
+        >>> loc.tolist(), [round(v, 3) for v in log_scale.tolist()]
+        ([0.0, 0.0], [-2.5, 7.0])
+    """
+    loc = soft_clamp(raw_loc, -AFFINE_MAX_LOC, AFFINE_MAX_LOC)
+    log_scale = soft_clamp(raw_log_scale, -AFFINE_MAX_EXPANSION, AFFINE_MAX_CONTRACTION)
+    return loc, log_scale
+
+
+class SoftBound(nn.Module):
+    """``u / (1 + |u| / bound)``: the outputs of a network soft-bounded to (-bound, bound).
+
+    No parameters, so appending it to a network leaves its state dict unchanged.
+
+    Example:
+        >>> SoftBound(10.0)(torch.tensor([0.0, 1.0, 1e9]))
+        tensor([ 0.0000,  0.9091, 10.0000])
+    """
+
+    def __init__(self, bound: float) -> None:
+        super().__init__()
+        self.bound = float(bound)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u / (1 + u.abs() / self.bound)
+
+    def extra_repr(self) -> str:
+        return f"bound={self.bound:g}"
+
+
 def mlp(
     in_dim: int,
     out_dim: int,
@@ -133,6 +198,7 @@ def mlp(
     activation_name: str = "relu",
     *,
     zero_last: bool = False,
+    output_bound: float | None = None,
 ) -> nn.Sequential:
     """A multilayer perceptron ``in_dim -> hidden[0] -> ... -> out_dim``.
 
@@ -145,6 +211,8 @@ def mlp(
         activation_name: Name of the activation between layers (see `ACTIVATIONS`).
         zero_last: Initialise the last layer to zero, so that a coupling or
             autoregressive block built on it starts as the identity.
+        output_bound: Soft-bound the outputs to (-output_bound, output_bound)
+            (`SoftBound`); None leaves them unbounded.
 
     Example:
         >>> import torch
@@ -164,16 +232,24 @@ def mlp(
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
     layers.append(last)
+    if output_bound is not None:
+        layers.append(SoftBound(output_bound))
     return nn.Sequential(*layers)
 
 
 def subnet_constructor(
-    hidden: int, num_layers: int = 2, activation_name: str = "relu", *, zero_last: bool = True
+    hidden: int,
+    num_layers: int = 2,
+    activation_name: str = "relu",
+    *,
+    zero_last: bool = True,
+    output_bound: float | None = None,
 ) -> Callable[[int, int], nn.Module]:
     """A FrEIA-style ``subnet_constructor(dims_in, dims_out)`` of constant width.
 
     ``num_layers`` hidden layers of width ``hidden`` (none: a linear map); with
-    ``zero_last`` the last layer starts at zero, so a coupling block starts as the identity.
+    ``zero_last`` the last layer starts at zero, so a coupling block starts as the identity;
+    ``output_bound`` soft-bounds the outputs (see `mlp`).
 
     Example:
         >>> make_subnet = subnet_constructor(64, 2, "relu")
@@ -184,6 +260,13 @@ def subnet_constructor(
     check_at_least(num_layers=(num_layers, 0))
 
     def construct(dims_in: int, dims_out: int) -> nn.Module:
-        return mlp(dims_in, dims_out, [hidden] * num_layers, activation_name, zero_last=zero_last)
+        return mlp(
+            dims_in,
+            dims_out,
+            [hidden] * num_layers,
+            activation_name,
+            zero_last=zero_last,
+            output_bound=output_bound,
+        )
 
     return construct

@@ -174,6 +174,10 @@ class Whitening:
         mean = x64.mean(0)
         xc = x64 - mean
         cov = xc.T @ xc / max(x64.shape[0] - 1, 1)
+        if not torch.isfinite(cov).all():  # eigh would fail to converge, with no hint why
+            raise ValueError(
+                "x has values too large (or not finite) to whiten: its covariance overflows"
+            )
         var, vec = torch.linalg.eigh(cov)  # ascending
         var, vec = var.flip(0), vec.flip(1)
         top = var[0].item()
@@ -274,11 +278,13 @@ class PairTransform:
         pass
 
 
-#: Pair transform name -> ``"module:Class"``; save/load rebuilds transforms by name.
-PAIR_TRANSFORMS: dict[str, str] = {
-    "cei-momentum-frame": "flowrecon.systems.cei.transform:MomentumFrameTransform",
-    "cei-molecule-frame": "flowrecon.systems.cei.molecule_transform:MoleculeFrameTransform",
-}
+#: Pair transforms registered at run time, name -> ``"module:Class"``; packages register
+#: theirs in the ``flowrecon.transforms`` entry-point group (flowrecon's own systems do, in
+#: pyproject.toml). Save/load rebuilds transforms by name.
+PAIR_TRANSFORMS: dict[str, str] = {}
+
+#: Entry-point group of pair transforms.
+TRANSFORM_ENTRY_POINTS = "flowrecon.transforms"
 
 #: Names that mean "no pair transform": the user's own frame.
 NO_TRANSFORM: tuple[str, ...] = ("none", "lab")
@@ -291,27 +297,41 @@ def register_pair_transform(name: str, path: str) -> None:
     PAIR_TRANSFORMS[name] = path
 
 
+def available_transforms() -> dict[str, str]:
+    """Every pair transform: name -> ``"module:Class"`` (entry points, then run time)."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep.value for ep in entry_points(group=TRANSFORM_ENTRY_POINTS)}
+    return {**found, **PAIR_TRANSFORMS}
+
+
 def make_pair_transform(name: str) -> PairTransform:
     """A fresh pair transform from its registered name."""
-    if name not in PAIR_TRANSFORMS:
-        valid = ", ".join([*NO_TRANSFORM, "auto", *PAIR_TRANSFORMS])
+    known = available_transforms()
+    if name not in known:
+        valid = ", ".join([*NO_TRANSFORM, *known])
         raise ValueError(f"unknown transform {name!r}; choose one of: {valid}")
-    module, cls = PAIR_TRANSFORMS[name].split(":")
+    module, cls = known[name].split(":")
     return getattr(importlib.import_module(module), cls)()
 
 
-def resolve_transform(name: str | None, x_dim: int, y_dim: int) -> str | None:
-    """The pair transform to use: ``"auto"`` is the CEI momentum frame for 9-by-9 data.
+def resolve_transform(name: str | None) -> str | None:
+    """The registered pair transform a name stands for; None for the user's own frame.
 
     Example:
-        >>> resolve_transform("auto", 9, 9), resolve_transform("auto", 2, 1)
-        ('cei-momentum-frame', None)
+        >>> resolve_transform("lab") is None, resolve_transform("cei-momentum-frame")
+        (True, 'cei-momentum-frame')
     """
     if name is None or name in NO_TRANSFORM:
         return None
     if name == "auto":
-        return "cei-momentum-frame" if x_dim == y_dim == 9 else None
-    if name not in PAIR_TRANSFORMS:
+        # The generic core knows no system: a frame is chosen by name (a System names
+        # its own), never guessed from the widths of the data.
+        raise ValueError(
+            "transform='auto' is gone: name the transform, e.g. 'cei-momentum-frame' for CEI "
+            "(flowrecon.system.make_system('cei').transform), or 'none' for your own frame"
+        )
+    if name not in available_transforms():
         make_pair_transform(name)  # raises with the valid names
     return name
 
@@ -324,7 +344,7 @@ class Pipeline:
         y_scaler: Scaler kind for y.
         whitening: ``True`` for `Whitening` with its default tolerance, a float for a
             custom ``rel_tol``, ``False`` for none.
-        transform: A registered pair transform name, ``"auto"``, ``"none"`` or ``"lab"``.
+        transform: A registered pair transform name, or ``"none"``/``"lab"`` (none).
 
     Example:
         >>> x, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 2, dtype=torch.float64)
@@ -339,7 +359,7 @@ class Pipeline:
         x_scaler: str = "standard",
         y_scaler: str = "standard",
         whitening: bool | float = True,
-        transform: str | None = "auto",
+        transform: str | None = None,
     ) -> None:
         self.x_scaler = Scaler(x_scaler)
         self.y_scaler = Scaler(y_scaler)
@@ -356,7 +376,7 @@ class Pipeline:
         _check_2d(x, "x")
         _check_2d(y, "y")
         self.x_dim, self.y_dim = x.shape[1], y.shape[1]
-        name = resolve_transform(self.transform_name, self.x_dim, self.y_dim)
+        name = resolve_transform(self.transform_name)
         self.transform_name = name
         self.pair = PairTransform() if name is None else make_pair_transform(name)
         self.pair.fit(x, y)

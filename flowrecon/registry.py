@@ -93,6 +93,118 @@ MODELS: dict[str, ModelSpec] = {
 
 
 @dataclass(frozen=True)
+class Range:
+    """A numeric interval of a hyper-parameter search (`flowrecon.tune`).
+
+    Integers for parameters annotated ``int``, floats otherwise; ``log`` samples evenly in
+    log scale (needs ``low > 0``); ``step`` discretises a linear scale.
+    """
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Categorical values of a hyper-parameter search: one of ``values``."""
+
+    values: tuple[Any, ...]
+
+
+#: Options of the training loop searched for every model (a model's own space may
+#: override them): the learning rate, the batch size and the schedule.
+TRAINING_SEARCH_SPACE: dict[str, Range | Choice] = {
+    "lr": Range(1e-4, 3e-3, log=True),
+    "batch_size": Choice((128, 256, 512, 1024)),
+    "lr_schedule": Choice(("constant", "cosine")),
+}
+
+_ACTIVATIONS = Choice(("relu", "elu", "gelu", "silu"))
+
+#: Model name -> search space: hyper-parameter (or training option) -> `Range`, `Choice`
+#: or a fixed value. Bounds keep one trial affordable on a CPU; a TOML ``[search]`` table
+#: overrides them (`flowrecon.tune.SearchSpace`). Parameters not named keep their defaults.
+SEARCH_SPACES: dict[str, dict[str, Range | Choice | Any]] = {
+    "cvae": {
+        "hidden_dim": Range(32, 512, log=True),
+        "num_layers": Range(1, 4),
+        "latent_dim": Range(2, 64, log=True),
+        "activation": _ACTIVATIONS,
+        "beta": Range(0.1, 2.0, log=True),
+    },
+    "freia-cinn": {
+        "blocks": Range(4, 20),
+        "hidden": Range(64, 512, log=True),
+        "subnet_layers": Range(1, 3),
+        "coupling": Choice(("glow", "affine", "rnvp")),
+        "clamp": Range(1.0, 3.0),
+        "activation": _ACTIVATIONS,
+    },
+    "freia-allinone": {
+        "blocks": Range(4, 20),
+        "hidden": Range(64, 512, log=True),
+        "subnet_layers": Range(1, 3),
+        "clamp": Range(1.0, 3.0),
+        "activation": _ACTIVATIONS,
+    },
+    "nflows-maf": {
+        "transforms": Range(2, 10),
+        "hidden": Range(32, 512, log=True),
+        "residual_blocks": Range(1, 3),
+        "activation": _ACTIVATIONS,
+        "dropout": Range(0.0, 0.2),
+    },
+    "nflows-nsf": {
+        "transforms": Range(2, 8),
+        "hidden": Range(32, 512, log=True),
+        "residual_blocks": Range(1, 3),
+        "bins": Range(4, 16),
+        "tail_bound": Range(3.0, 8.0),
+        "activation": _ACTIVATIONS,
+        "dropout": Range(0.0, 0.2),
+    },
+    "zuko-nsf": {
+        "transforms": Range(2, 8),
+        "hidden": Range(64, 512, log=True),
+        "hidden_layers": Range(1, 3),
+        "bins": Range(4, 16),
+        "activation": _ACTIVATIONS,
+    },
+    "zuko-maf": {
+        "transforms": Range(2, 10),
+        "hidden": Range(64, 512, log=True),
+        "hidden_layers": Range(1, 3),
+        "activation": _ACTIVATIONS,
+    },
+    "zuko-realnvp": {
+        "transforms": Range(2, 12),
+        "hidden": Range(64, 512, log=True),
+        "hidden_layers": Range(1, 3),
+        "activation": _ACTIVATIONS,
+    },
+}
+
+
+def search_space(name: str) -> dict[str, Range | Choice | Any]:
+    """The default search space of a model: its hyper-parameters and the training options.
+
+    Example:
+        >>> space = search_space("zuko-nsf")
+        >>> space["hidden"], space["lr_schedule"]
+        (Range(low=64, high=512, log=True, step=None), Choice(values=('constant', 'cosine')))
+    """
+    key = canonical_name(name)
+    if key not in MODELS:
+        raise _unknown_model(name)
+    space = dict(SEARCH_SPACES.get(key, {}))
+    for option, values in TRAINING_SEARCH_SPACE.items():
+        space.setdefault(option, values)
+    return space
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named configuration: a model, its hyper-parameters and training settings.
 
@@ -112,7 +224,8 @@ PRESETS: dict[str, Preset] = {
         model="cvae",
         description=(
             "cVAE of the seed decks: latent 1024, encoder widths [256, 512, 1024] (decoder "
-            "mirrored), ReLU, beta 1, latent drawn from the training-set latent statistics"
+            "mirrored), ReLU, beta 1, latent drawn from the training-set latent statistics, "
+            "deterministic decoder trained on the squared error"
         ),
         hparams={
             "hidden_dim": 256,
@@ -121,6 +234,7 @@ PRESETS: dict[str, Preset] = {
             "activation": "relu",
             "beta": 1.0,
             "latent_sampling": "train_stats",
+            "decoder": "deterministic",
         },
         # Typical seed-deck settings. The L1/L2 weights multiply sums over *all* parameters
         # (about 4.5 M here): with PyTorch's default initialisation they start near 0.08
@@ -387,13 +501,26 @@ def coerce_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _type_name(annotation: Any) -> str:
-    """``int``, ``'relu' | 'elu'`` (for Literal), ``int | None``: short and readable."""
-    if typing.get_origin(annotation) is typing.Literal:
+def type_name(annotation: Any) -> str:
+    """``int``, ``'relu' | 'elu'`` (for Literal), ``int | None``: short and readable.
+
+    Example:
+        >>> type_name(typing.Optional[typing.Literal["ocs", "flat"]])
+        "'ocs' | 'flat' | None"
+    """
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+_type_name = type_name
 
 
 def describe_model(name: str) -> dict[str, Any]:

@@ -100,7 +100,10 @@ class Evaluator(Protocol):
         """
 
     def table(self, metrics: Mapping[str, Any]) -> str:
-        """Text shown after the generic metrics table (may be empty)."""
+        """The metrics as text for the terminal and the report."""
+
+    # Optional: ``examples_text(examples, shown) -> str`` describes the example events
+    # (their draws ``(n, len(shown), Dx)``); without it a generic table is printed.
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,11 @@ class EvaluationContext:
         samples: Posterior draws per event.
         seed: Seed of the evaluation.
         config: The run's ``config.json`` (a dict).
+        rows: Row number in the data file of each event (0-based data rows), or None.
         frame: The evaluated rows as read (extra columns included), or None.
         progress: Whether progress bars may be shown.
+        training_rows: ``training_rows() -> (x, y)`` of the run's training split, read
+            when called; None when the run's data file is not available.
     """
 
     model: Any
@@ -124,8 +130,10 @@ class EvaluationContext:
     samples: int
     seed: int
     config: Mapping[str, Any]
+    rows: np.ndarray | None = None
     frame: Any = None
     progress: bool = False
+    training_rows: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def row_split(
@@ -171,12 +179,16 @@ class System:
         prepare: ``prepare(table) -> table`` applied to every table read or simulated
             before it is used (e.g. a canonical order of identical particles).
         error_name: Name of the per-event error (``ade`` for CEI, default ``rmse``).
+        error_unit: Unit of the per-event error; default ``x_unit``.
         event_error: ``event_error(pred, truth) -> (B,)`` error of a point prediction per
             event, in ``x_unit``; default the RMS coordinate error.
         failure_threshold: An event fails when its error exceeds this (or is not finite);
             None counts non-finite errors only.
         metric_info: Units and meanings of the system's metrics (and the generic ones it
-            wants to describe differently).
+            wants to describe differently), in the order ``metrics.json`` lists them.
+        summary_metrics: The system's metrics that comparison tables show beside the
+            generic ones (error, its median and 95th percentile, failure rate, coverage,
+            NLL, training time).
         evaluator: ``evaluator(context, **options) -> Evaluator``; its keyword-only
             parameters are the system's evaluation options (``evaluate --set k=v``).
         sampler: ``sampler(context, samples, **options) -> (samples, extra columns)``,
@@ -206,9 +218,11 @@ class System:
     split: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] = row_split
     prepare: Callable[[pd.DataFrame], pd.DataFrame] | None = None
     error_name: str = "rmse"
+    error_unit: str | None = None
     event_error: Callable[[np.ndarray, np.ndarray], np.ndarray] = rms_error
     failure_threshold: float | None = None
     metric_info: Mapping[str, MetricInfo] = field(default_factory=dict)
+    summary_metrics: tuple[str, ...] = ()
     evaluator: Callable[..., Evaluator] | None = None
     sampler: Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
     physics_terms: tuple[str, ...] = ()

@@ -22,8 +22,8 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +46,13 @@ PhysicsLoss = Callable[[Tensor, Tensor, Tensor], Mapping[str, Tensor]]
 #: space samples of a batch to the space the physics loss works in; ``split`` is
 #: ``"train"`` or ``"val"``. Without it the physics loss sees model space.
 UserView = Callable[[Tensor, Tensor, str], tuple[Tensor, Tensor, Tensor]]
+
+
+#: ``on_epoch(epoch, train, val)``: called after every epoch with the epoch (1-based) and
+#: that epoch's train and validation components (name -> value; val is empty without
+#: validation data). An exception it raises stops training at once and propagates, after
+#: the best state is restored: a hyper-parameter search prunes a trial this way.
+EpochCallback = Callable[[int, Mapping[str, float], Mapping[str, float]], None]
 
 
 #: Learning-rate schedules of `train`.
@@ -127,7 +134,10 @@ def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, like every other output file
+    # (tempfile.mkstemp would make the model readable by its owner only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -135,6 +145,73 @@ def _save_atomic(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+#: Option -> (allowed range in words, check). The library and the command line accept the
+#: same ranges: both call `check_training_options`.
+_OPTION_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "epochs": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "lr": ("a finite number > 0", lambda v: _is_real(v) and math.isfinite(v) and v > 0),
+    "weight_decay": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "patience": ("None or an integer >= 0", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "min_delta": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "clip_grad": (
+        "None or a finite number >= 0",
+        lambda v: v is None or (_is_real(v) and 0 <= v < math.inf),
+    ),
+    "l1": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "l2": ("a finite number >= 0", lambda v: _is_real(v) and 0 <= v < math.inf),
+    "physics_samples": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "max_minutes": (
+        "None or a finite number > 0",
+        lambda v: v is None or (_is_real(v) and 0 < v < math.inf),
+    ),
+    "lr_schedule": (f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES),
+    "quiet": ("true or false", lambda v: isinstance(v, bool | np.bool_)),
+    "physics_loss": ("None or a callable", lambda v: v is None or callable(v)),
+}
+
+
+def check_training_options(options: Mapping[str, Any]) -> None:
+    """Raises a one-line ValueError for the first option of `train` outside its range.
+
+    Unknown names are left to the caller (``ConditionalGenerator.fit`` names them with a
+    suggestion). Physics weights must be finite and >= 0.
+
+    Example:
+        >>> check_training_options({"epochs": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs must be an integer >= 1, got 0
+        >>> check_training_options({"physics_weights": {"energy_diff2": -1}})
+        Traceback (most recent call last):
+        ...
+        ValueError: physics weight 'energy_diff2' must be a finite number >= 0, got -1
+    """
+    for key, value in options.items():
+        if key in _OPTION_RANGES:
+            allowed, ok = _OPTION_RANGES[key]
+            if not ok(value):
+                raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    weights = options.get("physics_weights")
+    if weights is None:
+        return
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"physics_weights must be a mapping of term -> weight, got {weights!r}")
+    for term, w in weights.items():
+        if not (_is_real(w) and 0 <= w < math.inf):
+            raise ValueError(f"physics weight {term!r} must be a finite number >= 0, got {w!r}")
 
 
 def training_options() -> dict[str, Any]:
@@ -173,6 +250,7 @@ def train(
     seed: int = 0,
     user_view: UserView | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> History:
     """Trains ``estimator`` in place on model-space tensors; returns the `History`.
 
@@ -186,7 +264,7 @@ def train(
         estimator: The estimator, already on the device of x and y.
         x, y: Training data ``(N, Dx)``, ``(N, Dy)``.
         x_val, y_val: Validation data, or None to monitor the training total.
-        epochs: Maximum number of epochs (0 only builds and runs the end-of-fit hook).
+        epochs: Maximum number of epochs (at least 1).
         batch_size: Rows per optimiser step.
         lr: Adam learning rate.
         weight_decay: Adam's own (L2-style) weight decay, separate from ``l2``.
@@ -200,7 +278,8 @@ def train(
         physics_weights: Term name -> weight; None weighs every term 1. Terms without a
             weight are logged but not minimised.
         physics_samples: Samples per condition drawn for the physics terms.
-        max_minutes: Wall-clock budget; the epoch in progress is cut short and validated.
+        max_minutes: Wall-clock budget (> 0); the epoch in progress is cut short and
+            validated.
         lr_schedule: ``"constant"``; ``"cosine"``, which anneals the learning rate to 1 %
             of ``lr`` over the run (over ``max_minutes`` of wall-clock time when a budget
             is set and it ends before ``epochs``, so a fixed-time run still finishes
@@ -212,6 +291,8 @@ def train(
         seed: Seed of the batch order.
         user_view: Maps model-space samples to the physics loss's space (see `UserView`).
         on_checkpoint: Called with the epoch whenever the best state improves.
+        on_epoch: Called after every epoch (see `EpochCallback`); what it raises ends
+            training and propagates.
 
     Example:
         >>> from flowrecon.models.cvae import build_cvae
@@ -226,15 +307,28 @@ def train(
         )
     if (x_val is None) != (y_val is None):
         raise ValueError("give both x_val and y_val, or neither")
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    if physics_loss is not None and physics_samples < 1:
-        raise ValueError(f"physics_samples must be at least 1, got {physics_samples}")
+    if x.shape[0] < 1:
+        raise ValueError("the training data have no rows")
+    if x_val is not None and x_val.shape[0] < 1:
+        raise ValueError("the validation data have no rows; pass None to monitor the training loss")
+    check_training_options(
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "patience": patience,
+            "min_delta": min_delta,
+            "clip_grad": clip_grad,
+            "l1": l1,
+            "l2": l2,
+            "physics_samples": physics_samples,
+            "physics_weights": physics_weights,
+            "max_minutes": max_minutes,
+            "lr_schedule": lr_schedule,
+        }
+    )
     weights = None if physics_weights is None else {k: float(v) for k, v in physics_weights.items()}
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(
-            f"unknown lr_schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
-        )
 
     params = [p for p in estimator.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -397,6 +491,12 @@ def train(
                 train=f"{history.train['total'][-1]:.4g}",
                 val=f"{history.val['total'][-1]:.4g}" if history.val else "-",
             )
+            if on_epoch is not None:
+                on_epoch(
+                    epoch,
+                    {k: v[-1] for k, v in history.train.items()},
+                    {k: v[-1] for k, v in history.val.items()},
+                )
             if history.stopped == "max_minutes":
                 break
             if patience and wait >= patience:

@@ -1,4 +1,4 @@
-"""Backend-specific tests of the FrEIA, nflows and zuko adapters (small networks, fast).
+"""Backend-specific tests of the FrEIA, nflows, zuko and cVAE estimators (small, fast).
 
 Every adapter exposes ``to_latent(x, y) -> (z, log|det dz/dx|)``, so the density convention
 of ``flowrecon.models._estimator`` is checked the same way for all of them: the
@@ -6,6 +6,7 @@ log-determinant against autograd, and ``log_prob = log N(z; 0, I) + log|det dz/d
 """
 
 import inspect
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowrecon import nn as nn_module
 from flowrecon.models import freia
 from flowrecon.models import nflows as nflows_backend
 from flowrecon.models import zuko as zuko_backend
@@ -34,6 +36,15 @@ BUILDERS: dict[str, Callable[..., Estimator]] = {
     "zuko-nsf": partial(zuko_backend.build_nsf, transforms=2, hidden=16),
     "zuko-maf": partial(zuko_backend.build_maf, transforms=2, hidden=16),
     "zuko-realnvp": partial(zuko_backend.build_realnvp, transforms=2, hidden=16),
+    # The libraries' own affine steps, still available with bounded=False.
+    "nflows-maf-unbounded": partial(
+        nflows_backend.build_maf, transforms=2, hidden=16, bounded=False
+    ),
+    "zuko-maf-unbounded": partial(zuko_backend.build_maf, transforms=2, hidden=16, bounded=False),
+    "zuko-realnvp-unbounded": partial(
+        zuko_backend.build_realnvp, transforms=2, hidden=16, bounded=False
+    ),
+    "freia-cinn-unbounded": partial(freia.build_cinn, blocks=3, hidden=16, bounded=False),
 }
 FREIA = [name for name in BUILDERS if name.startswith("freia")]
 # The public builders under their registry names.
@@ -165,7 +176,7 @@ def test_freia_reverse_pass_reports_minus_log_det(name):
     torch.testing.assert_close(rev_ladj, -ladj)
 
 
-@pytest.mark.parametrize("name", [*FREIA, "nflows-maf"])
+@pytest.mark.parametrize("name", [*FREIA, "nflows-maf", "nflows-maf-unbounded"])
 def test_fresh_network_is_identity_up_to_permutation(name):
     # Zero-initialised last layers: the flow is a permutation, so log_prob is exactly the
     # standard normal density of x, constant included.
@@ -344,3 +355,109 @@ def test_builder_signature_is_registry_ready(builder):
         assert param.annotation in (int, float, str, bool), param.name
         assert isinstance(param.default, param.annotation), param.name
         assert f"\n    {param.name}: " in doc, param.name
+
+
+# -- bounded samples -------------------------------------------------------------------
+
+
+def _wild(builder: Callable[..., Estimator], scale: float) -> Estimator:
+    """A model whose every parameter is large: the worst a rare condition can meet."""
+    torch.manual_seed(0)
+    model = builder(4, 2)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(scale * torch.randn_like(param))
+    return model
+
+
+AFFINE = (nn_module.AFFINE_MAX_EXPANSION, nn_module.AFFINE_MAX_LOC)
+
+
+@pytest.mark.parametrize(
+    ("name", "layers", "expansion", "shift"),
+    [
+        ("zuko-maf", 2, *AFFINE),
+        ("zuko-realnvp", 2, *AFFINE),
+        ("nflows-maf", 2, *AFFINE),
+        ("freia-cinn", 3, 2.0, freia.FREIA_MAX_SHIFT),  # clamp 2: |s| <= 2
+    ],
+)
+def test_bounded_flows_cannot_run_away(name, layers, expansion, shift):
+    y = 50 * torch.randn(64, 2)  # conditions far outside anything seen in training
+    with torch.no_grad():
+        bounded = _wild(BUILDERS[name], 30.0).sample(20, y)
+        raw = _wild(BUILDERS[f"{name}-unbounded"], 30.0).sample(20, y)
+    # Each sampling step maps |v| to at most (|v| + shift) exp(expansion), whatever its
+    # conditioner sees.
+    bound = 8.0  # beyond any of these 2,560 standard normal draws per feature
+    for _ in range(layers):
+        bound = (bound + shift) * math.exp(expansion)
+    assert torch.isfinite(bounded).all() and bounded.abs().max() < bound
+    assert not (torch.isfinite(raw).all() and raw.abs().max() < bound)  # the libraries' own
+
+
+@pytest.mark.parametrize("name", ["zuko-nsf", "nflows-nsf"])
+def test_spline_flows_are_bounded_by_construction(name):
+    y = 50 * torch.randn(64, 2)
+    torch.manual_seed(3)
+    z = torch.randn(20, 64, 4)
+    with torch.no_grad():
+        samples = _wild(BUILDERS[name], 30.0).sample(20, y)
+    assert torch.isfinite(samples).all()  # nflows' float32 inverse failed an assertion here
+    assert samples.abs().max() <= max(float(z.abs().max()) + 2.0, 5.0)
+
+
+# -- the cVAE ------------------------------------------------------------------------------
+
+
+def test_cvae_gaussian_decoder_loss_is_a_negative_log_likelihood():
+    from flowrecon.models.cvae import build_cvae
+
+    torch.manual_seed(0)
+    vae = build_cvae(3, 2, hidden_dim=8, num_layers=1, latent_dim=2)
+    assert vae.decoder[-1].out_features == 6  # mean and log-variance per coordinate
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    with torch.no_grad():
+        vae.decoder[-1].weight.zero_()
+        vae.decoder[-1].bias.zero_()  # mean 0, log-variance 0: N(0, I)
+        parts = vae.loss(x, y)
+    nll = -torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1).mean()
+    torch.testing.assert_close(parts["recon"], nll)
+    old = build_cvae(3, 2, hidden_dim=8, num_layers=1, latent_dim=2, decoder="deterministic")
+    assert old.decoder[-1].out_features == 3
+    with pytest.raises(ValueError, match="unknown decoder='point'"):
+        build_cvae(3, 2, decoder="point")
+
+
+def test_cvae_samples_carry_the_noise_width():
+    import flowrecon as fr
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(4000, 2))
+    x = y @ np.array([[1.0, 0.0, 1.0], [0.0, 1.0, -1.0]]) + 0.3 * rng.normal(size=(4000, 3))
+    model = fr.make("cvae", hidden_dim=32, num_layers=2, latent_dim=2, device="cpu")
+    model.fit(x, y, epochs=40, batch_size=256, lr=3e-3, quiet=True, calibrate=False)
+    spread = model.sample(y[:200], n=200, seed=0).std(0).mean()
+    assert spread == pytest.approx(0.3, rel=0.25)
+
+
+def test_cvae_beta_nll_weights_each_term_by_its_variance_and_temperature_scales_the_noise():
+    from flowrecon.models.cvae import build_cvae
+
+    torch.manual_seed(0)
+    vae = build_cvae(3, 2, hidden_dim=8, num_layers=1, latent_dim=2, nll_beta=0.5)
+    x, y = torch.randn(16, 3), torch.randn(16, 2)
+    with torch.no_grad():
+        vae.decoder[-1].weight.zero_()
+        vae.decoder[-1].bias.zero_()
+        v = math.log(4.0)  # variance 4, weight 4^0.5 = 2; the raw output is soft-clamped
+        vae.decoder[-1].bias[3:] = v / (1 - v / 10.0)
+        parts = vae.loss(x, y)
+    nll = -torch.distributions.Normal(0.0, 2.0).log_prob(x).sum(-1).mean()
+    torch.testing.assert_close(parts["recon"], 2.0 * nll)
+    with torch.no_grad():  # the decoder's noise is what the temperature scales
+        wide, narrow = (vae.sample(4000, y[:1], temperature=t) for t in (1.0, 0.5))
+    assert float(wide.std()) == pytest.approx(2.0, rel=0.05)
+    assert float(narrow.std()) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="nll_beta must be in"):
+        build_cvae(3, 2, nll_beta=2.0)

@@ -32,10 +32,22 @@ def test_simulate_writes_contract_columns(runner, tmp_path):
     out = tmp_path / "sim.csv"
     result = runner.invoke(main, ["simulate", "--n", "25", "--out", str(out), "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert "wrote 25 ocs events" in result.output
+    assert "wrote 25 rows of Coulomb explosion imaging of OCS" in result.output
     frame = pd.read_csv(out)
     assert list(frame.columns) == list(POSITION_COLUMNS + MOMENTUM_COLUMNS)
     assert len(frame) == 25 and np.isfinite(frame.to_numpy()).all()
+
+
+def test_simulate_is_noise_free_unless_asked(runner, tmp_path):
+    from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+    out = tmp_path / "clean.parquet"
+    assert (
+        runner.invoke(main, ["simulate", "--n", "20", "--out", str(out), "--quiet"]).exit_code == 0
+    )
+    frame = pd.read_parquet(out)
+    p_sim = asymptotic_momenta(frame[list(POSITION_COLUMNS)].to_numpy())
+    np.testing.assert_allclose(frame[list(MOMENTUM_COLUMNS)].to_numpy(), p_sim, rtol=1e-12)
 
 
 def test_simulate_is_reproducible_by_seed(runner, tmp_path):
@@ -62,7 +74,13 @@ def test_simulate_options(runner, tmp_path):
     ("args", "message"),
     [
         (["--n", "5", "--out", "x.txt"], "unsupported output format"),
-        (["--n", "5", "--out", "x.csv", "--charges", "2,x,2"], "could not read 'x'"),
+        (["--n", "5", "--out", "x.csv", "--charges", "2,x,2"], "expected a number, got 'x'"),
+        (["--n", "5", "--out", "x.csv", "--charges", "1e308,1e308,1e308"], "at most 118"),
+        (["--n", "5", "--out", "x.csv", "--set", "charge=2,2,2"], "Did you mean 'charges'"),
+        (["--n", "5", "--out", "x.csv", "--chargs", "2,2,2"], "no such option: --chargs"),
+        (["--n", "5", "--out", "x.csv", "--seed", "-1"], "--seed"),
+        (["--n", "5", "--out", "x.csv", "--system", "nope"], "unknown system 'nope'"),
+        (["--n", "5", "--out", "x.csv", "--refine"], "belongs to evaluate"),
         (["--n", "5", "--out", "x.csv", "--charges", "2,2"], "charges"),
         (["--n", "0", "--out", "x.csv"], "0 is not in the range"),
         (["--n", "5", "--out", "x.csv", "--geometry", "cube"], "'cube' is not one of"),
@@ -130,7 +148,8 @@ def test_fit_reads_a_toml_config(runner, small_data, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["hparams"]["hidden"] == 8
     assert saved["training"]["epochs"] == 1  # the command line wins over the file
-    assert saved["preprocessing"]["frame"] == "lab"
+    assert saved["system"]["options"]["frame"] == "lab"  # [preprocessing] frame: a system option
+    assert saved["preprocessing"]["transform"] is None
 
 
 @pytest.mark.parametrize(
@@ -219,8 +238,11 @@ def test_sample_writes_event_and_sample_ids(runner, tiny_run, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["evaluate", "--run", "nowhere"], "no model.pt"),
-        (["sample", "--run", "nowhere", "--data", "x.csv", "--out", "s.csv"], "no model.pt"),
+        (["evaluate", "--run", "nowhere"], "nowhere"),
+        (["sample", "--run", "nowhere", "--data", "x.csv", "--out", "s.csv"], "nowhere"),
+        (["evaluate", "--run", "RUN", "--charges", "2,1,1"], "belongs to fit"),
+        (["evaluate", "--run", "RUN", "--set", "refin=1"], "Did you mean 'refine'"),
+        (["evaluate", "--run", "RUN", "--prior", "gaussian"], "'gaussian' is not one of"),
         (["evaluate", "--run", "RUN", "--samples", "1"], "1 is not in the range"),
         (["sample", "--run", "RUN", "--data", "DATA", "--out", "s.txt"], "unsupported output"),
         (["compare", "cvae", "zuko-nfs", "--epochs", "1"], "Did you mean 'zuko-nsf'"),
@@ -247,7 +269,10 @@ def test_compare_trains_and_tabulates(runner, small_data, tmp_path):
     assert np.isfinite(table.loc[1, "nll"])
     for name in ("comparison.md", "calibration.png", "comparison.png"):
         assert (out / name).is_file(), name
-    assert (out / "cvae" / "metrics.json").is_file() and (out / "zuko-maf" / "report.md").is_file()
+    assert (out / "cvae" / "evaluation" / "metrics.json").is_file()
+    assert (out / "zuko-maf" / "evaluation" / "report.md").is_file()
+    for column in ("ade", "ade_median", "ade_p95", "failure_rate"):  # robust beside the mean
+        assert column in table.columns and column in (out / "comparison.md").read_text()
 
 
 def test_evaluate_refine_and_weights(runner, tiny_run, tmp_path):
@@ -260,14 +285,20 @@ def test_evaluate_refine_and_weights(runner, tiny_run, tmp_path):
     assert {"refined_ade", "refined_resim_residual", "refine_events_within_1e-5_bohr"} <= set(
         metrics
     )
+    again = runner.invoke(main, [*args, "--weights", "--noise", "0.01", "--max-events", "6"])
+    assert again.exit_code != 0 and "give --overwrite" in again.output  # nothing replaced
+    assert "refined_ade" in json.loads((out / "metrics.json").read_text())
     result = runner.invoke(
-        main, [*args, "--weights", "--noise", "0.01", "--max-events", "6", "--quiet"]
+        main,
+        [*args, "--weights", "--noise", "0.01", "--max-events", "6", "--quiet", "--overwrite"],
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["weighted_coverage_90"] <= 1 and metrics["weights_ess_median"] >= 1
+    assert "refined_ade" not in metrics  # replaced whole, not merged with the earlier one
+    assert 0 <= metrics["weighted_coverage_90"] <= 1
+    assert metrics["weights_ess_median"] <= 4  # at most the number of samples
     assert metrics["weights_prior"] == "flat"  # a user's file: no known geometry prior
-    missing = runner.invoke(main, [*args, "--weights", "--quiet"])
+    missing = runner.invoke(main, [*args, "--weights", "--quiet", "--overwrite"])
     assert missing.exit_code != 0 and "give --noise" in missing.output
 
 
@@ -281,4 +312,15 @@ def test_sample_refine_adds_residual_columns(runner, tiny_run, small_data, tmp_p
     table = pd.read_csv(out)
     assert {"residual", "converged", "solution"} <= set(table.columns)
     assert len(table) == 20
-    assert (table.loc[table["converged"], "residual"] <= 1e-8).all()
+    assert table["event"].tolist() == sorted(list(range(10)) * 2)
+    # Each row's residual is what the simulator says of that row's refined positions for
+    # that row's event: positions, residual and event ids stay aligned.
+    from flowrecon.systems.cei.simulator import asymptotic_momenta
+
+    p_obs = pd.read_parquet(few)[list(MOMENTUM_COLUMNS)].to_numpy()[table["event"]]
+    p_sim = asymptotic_momenta(table[list(POSITION_COLUMNS)].to_numpy())
+    rel = np.linalg.norm(p_sim - p_obs, axis=1) / np.linalg.norm(p_obs, axis=1)
+    np.testing.assert_allclose(table["residual"], rel, rtol=1e-6, atol=1e-12)
+    assert (table["converged"] == (table["residual"] < 1e-9)).all()
+    assert ((table["solution"] >= 0) == table["converged"]).all()
+    assert table["converged"].mean() >= 0.5  # noise-free events: most samples reach one

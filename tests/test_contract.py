@@ -15,6 +15,7 @@ import torch
 import flowrecon as fr
 from flowrecon import registry
 from flowrecon.base import NotFittedError
+from flowrecon.guard import Support
 
 X_DIM, Y_DIM = 3, 2
 
@@ -90,6 +91,31 @@ def test_sample_shapes_and_values(name, fitted, data) -> None:
     assert st.dtype == torch.float32
     assert model.sample(y[:5], n=4, max_chunk=4).shape == (4, 5, X_DIM)
     assert model.sample(y[:2], n=7, max_chunk=3).shape == (7, 2, X_DIM)  # n itself chunked
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sample_diagnostics_and_finite_samples_everywhere(name, fitted, data) -> None:
+    model = fitted(name)
+    _, y = data
+    d = model.sample(y[:6].reshape(2, 3, Y_DIM), n=5, seed=0, return_diagnostics=True)
+    plain = model.sample(y[:6].reshape(2, 3, Y_DIM), n=5, seed=0)
+    np.testing.assert_array_equal(d.samples, plain)
+    assert d.redrawn.shape == d.unresolved.shape == d.condition_log_prob.shape == (2, 3)
+    assert d.redrawn.dtype == np.int64 and d.in_domain.dtype == bool
+    assert (d.unresolved <= d.redrawn).all() and (d.redrawn <= 5).all()
+    np.testing.assert_array_equal(d.in_domain, model.in_domain(y[:6]).reshape(2, 3))
+    # Conditions far beyond the training ones: finite samples inside the sane region of
+    # model space, and every event flagged.
+    far = np.array([[30.0, -30.0], [0.0, 200.0], [-1e4, 5.0]])
+    d = model.sample(far, n=50, seed=0, return_diagnostics=True)
+    assert np.isfinite(d.samples).all() and not d.in_domain.any()
+    x_model = model.preprocessing_.encode_x(
+        torch.as_tensor(d.samples).reshape(-1, X_DIM), torch.as_tensor(far).repeat(50, 1)
+    )
+    # Draws projected onto the region's edge may leave it by rounding in the round trip.
+    s = model.support_
+    edge = Support(s.lo - 1e-4, s.hi + 1e-4, s.radius * (1 + 1e-6))
+    assert edge.inside(x_model).all()
 
 
 def test_sampling_in_chunks_keeps_the_layout(fitted, data, monkeypatch) -> None:
@@ -252,6 +278,21 @@ def test_save_load_reproduces_seeded_samples(name, fitted, data, tmp_path) -> No
     assert loaded.history_.to_dict() == model.history_.to_dict()
     assert loaded.temperature_ == model.temperature_
     assert (loaded.model_, loaded.hparams_) == (model.model_, model.hparams_)
+    assert (
+        loaded.hparams_full_
+        == model.hparams_full_
+        == {
+            **registry.hparam_defaults(name),
+            **model.hparams_,
+        }
+    )
+    # The sane region and the condition density come back too.
+    far = np.vstack([y[:4], [[30.0, -30.0]]])
+    a, b = (m.sample(far, n=4, seed=3, return_diagnostics=True) for m in (model, loaded))
+    for field in a._fields:
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    np.testing.assert_array_equal(loaded.condition_log_prob(y), model.condition_log_prob(y))
+    torch.testing.assert_close(loaded.support_.lo, model.support_.lo)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -315,7 +356,7 @@ def test_builder_errors_name_the_model_space_width() -> None:
     u = y[:, 0] + rng.normal(size=50)
     x = np.column_stack([u, 2 * u])
     with pytest.raises(ValueError, match="x has 1 columns, whitening dropped 1 null directions"):
-        fr.make("freia-cinn", blocks=1, hidden=8).fit(x, y, epochs=0)
+        fr.make("freia-cinn", blocks=1, hidden=8).fit(x, y, epochs=1)
 
 
 def test_same_seed_same_fit(data) -> None:

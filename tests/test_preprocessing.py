@@ -155,19 +155,23 @@ def test_frame_transform_round_trip_and_momenta_in_their_own_frame() -> None:
 
 
 def test_transform_names() -> None:
-    assert resolve_transform("auto", 9, 9) == "cei-momentum-frame"
-    assert resolve_transform("auto", 3, 9) is None
-    assert resolve_transform("lab", 9, 9) is None
+    assert resolve_transform("cei-momentum-frame") == "cei-momentum-frame"
+    assert resolve_transform("lab") is None and resolve_transform("none") is None
     with pytest.raises(ValueError, match="unknown transform 'momentum'.*cei-momentum-frame"):
-        resolve_transform("momentum", 9, 9)
+        resolve_transform("momentum")
+    # The generic core never guesses a physical frame from the widths of the data.
+    with pytest.raises(ValueError, match="name the transform"):
+        resolve_transform("auto")
+    x, y = torch.randn(20, 9, dtype=torch.float64), torch.randn(20, 9, dtype=torch.float64)
+    assert Pipeline().fit(x, y).transform_name is None
 
 
 @pytest.mark.parametrize(
     ("transform", "convention", "kept"),
     [
         # frame: 3 out-of-plane + 2 in-plane centre-of-mass constraints dropped
-        ("auto", "com", 4),
-        ("auto", "carbon", 4),  # carbon at the origin: 3 + 2 as well
+        ("cei-momentum-frame", "com", 4),
+        ("cei-momentum-frame", "carbon", 4),  # carbon at the origin: 3 + 2 as well
         ("lab", "com", 6),  # lab: only the 3 centre-of-mass constraints
     ],
 )
@@ -198,7 +202,8 @@ def test_fitted_model_is_rotation_equivariant_with_the_frame(name: str) -> None:
     hp = {"cvae": {"hidden_dim": 8, "latent_dim": 4}, "zuko-maf": {"transforms": 2, "hidden": 16}}[
         name
     ]
-    model = fr.make(name, device="cpu", **hp).fit(x, p, epochs=2, quiet=True)
+    model = fr.make(name, device="cpu", transform="cei-momentum-frame", **hp)
+    model.fit(x, p, epochs=2, quiet=True)
     assert model.preprocessing_.transform_name == "cei-momentum-frame"
     q = rotation(3)
     samples = model.sample(p[:10], n=5, seed=0)
@@ -222,10 +227,19 @@ def test_log_prob_includes_the_preprocessing_log_det() -> None:
     rng = np.random.default_rng(0)
     y = rng.normal(size=(120, 2))
     x = y @ np.ones((2, 3)) + rng.normal(size=(120, 3))
-    a = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(x, y, epochs=0, quiet=True)
+    a = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(x, y, epochs=1, quiet=True)
     b = fr.make("zuko-maf", device="cpu", transforms=1, hidden=8).fit(
-        2 * x + 1, y, epochs=0, quiet=True
+        2 * x + 1, y, epochs=1, quiet=True
     )
     np.testing.assert_allclose(
         b.log_prob(2 * x[:5] + 1, y[:5]), a.log_prob(x[:5], y[:5]) - 3 * np.log(2), atol=1e-5
     )
+
+
+def test_whitening_says_why_it_cannot_whiten_huge_values() -> None:
+    from flowrecon.preprocessing import Whitening
+
+    x = torch.randn(20, 3, dtype=torch.float64)
+    x[4, 1] = 1e200  # its square overflows the covariance
+    with pytest.raises(ValueError, match="too large .* to whiten: its covariance overflows"):
+        Whitening().fit(x)

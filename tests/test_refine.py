@@ -36,7 +36,9 @@ def test_refine_recovers_noise_free_geometries():
     result = refine(start, momenta)
     assert result.converged.float().mean() >= 0.95
     ok = result.converged
-    assert (result.residual[ok] <= 1e-8).all()
+    # "converged" means exactly: the reported residual is below the tolerance (1e-9).
+    assert torch.equal(ok, result.residual < 1e-9)
+    assert (result.residual <= 1e-8).float().mean() >= 0.95  # over all starts, not the converged
     assert (_max_atom_error(result.positions, truth)[ok] <= 1e-5).float().mean() >= 0.95
     # The residual is what the full simulator says of the refined geometry.
     check = asymptotic_momenta(result.positions[ok])
@@ -141,7 +143,8 @@ def test_refine_posterior_refines_the_mean_and_chosen_samples():
     assert (_max_atom_error(torch.as_tensor(only_mean.best), truth) < 1e-5).all()
     two = refine_posterior(samples, momenta, refine_samples=2)
     assert two.samples.shape == (2, 8, 9) and two.converged.shape == (2, 8)
-    assert (two.residual[two.converged] <= 1e-8).all()
+    assert two.converged.mean() >= 0.9  # 2 % noise: nearly every start reaches a solution
+    np.testing.assert_array_equal(two.converged, two.residual < 1e-9)
     assert (only_mean.best_residual <= 1e-8).all()
     assert (only_mean.atom_error(truth.numpy()) < 1e-5).all()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -237,10 +239,57 @@ def test_best_checkpoint_on_disk(tmp_path) -> None:
     torch.testing.assert_close(saved["state_dict"]["theta"], est.theta.detach())
 
 
-def test_epochs_zero_only_builds() -> None:
-    est = Mean()
-    history = train(est, *constant(1.0), epochs=0, quiet=True)
-    assert history.epochs == 0 and est.theta.item() == -1.0 and history.stopped == "completed"
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("epochs", 0, "epochs must be an integer >= 1, got 0"),
+        ("epochs", 2.5, "epochs must be an integer >= 1, got 2.5"),
+        ("epochs", True, "epochs must be an integer >= 1, got True"),
+        ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
+        ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
+        ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+        ("max_minutes", 0, "max_minutes must be None or a finite number > 0, got 0"),
+        ("max_minutes", -1, "max_minutes must be None or a finite number > 0, got -1"),
+        ("max_minutes", float("inf"), "max_minutes must be None or a finite number > 0"),
+        ("patience", -1, "patience must be None or an integer >= 0, got -1"),
+        ("min_delta", -0.1, "min_delta must be a finite number >= 0, got -0.1"),
+        ("clip_grad", -1.0, "clip_grad must be None or a finite number >= 0, got -1.0"),
+        ("l1", float("nan"), "l1 must be a finite number >= 0, got nan"),
+        ("l2", -1e-3, "l2 must be a finite number >= 0"),
+        ("weight_decay", -1, "weight_decay must be a finite number >= 0"),
+        ("physics_samples", 0, "physics_samples must be an integer >= 1, got 0"),
+        ("physics_weights", {"energy_diff2": -1}, "physics weight 'energy_diff2' must be a"),
+        ("physics_weights", {"energy_diff": float("nan")}, "physics weight 'energy_diff' must"),
+        ("physics_weights", [1.0], "physics_weights must be a mapping"),
+        ("lr_schedule", "step", "lr_schedule must be one of constant, cosine, plateau"),
+    ],
+)
+def test_options_outside_their_range_are_rejected(option, value, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(Mean(), *constant(1.0), **{"epochs": 1, option: value, "quiet": True})
+    x, y = data(40)
+    model = fr.make("cvae", hidden_dim=4, latent_dim=2, device="cpu")
+    with pytest.raises(ValueError, match=re.escape(message)):  # fit checks before any work
+        model.fit(x, y, **{"epochs": 1, option: value, "quiet": True})
+    assert not model.is_fitted
+
+
+def test_empty_data_are_rejected_by_the_loop() -> None:
+    with pytest.raises(ValueError, match="the training data have no rows"):
+        train(Mean(), torch.zeros(0, 1), torch.zeros(0, 1), epochs=1, quiet=True)
+    with pytest.raises(ValueError, match="the validation data have no rows"):
+        train(Mean(), *constant(1.0), torch.zeros(0, 1), torch.zeros(0, 1), epochs=1, quiet=True)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 9])
+def test_fit_on_a_handful_of_rows_says_how_many_it_needs(rows) -> None:
+    x, y = data(rows)
+    with pytest.raises(ValueError, match=f"fit needs at least 10 rows of x and y, got {rows}"):
+        fr.make("zuko-nsf", device="cpu").fit(x, y, epochs=1, quiet=True)
+    with pytest.raises(ValueError, match="fit needs at least 10 rows"):
+        fr.make("zuko-nsf", device="cpu").fit(x[:5], y[:5], x[:1], y[:1], epochs=1, quiet=True)
+    x, y = data(10)  # the smallest set fits: 8 training and 2 validation rows
+    assert fr.make("zuko-nsf", hidden=4, device="cpu").fit(x, y, epochs=1, quiet=True).is_fitted
 
 
 def test_history_round_trip() -> None:
@@ -349,5 +398,5 @@ def test_unknown_lr_schedule_message():
     from flowrecon.models.cvae import build_cvae
 
     est = build_cvae(2, 1, hidden_dim=8, num_layers=1, latent_dim=2)
-    with pytest.raises(ValueError, match="unknown lr_schedule 'step'; choose one of constant"):
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, plateau"):
         train(est, torch.randn(8, 2), torch.randn(8, 1), epochs=1, lr_schedule="step")

@@ -9,7 +9,7 @@ device); results are numpy arrays or plain Python numbers.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -299,3 +299,36 @@ def relative_errors(
     threshold = float(small_fraction * np.mean(np.abs(t)))
     n_small = int(np.count_nonzero(np.abs(t) <= threshold))
     return RelativeErrors(mre, mre2, n_small, threshold)
+
+
+def robust_summary(errors: ArrayLike, failure_threshold: float | None = None) -> dict[str, Any]:
+    """Mean, median, 95th percentile and failure rate of per-event errors.
+
+    A few runaway events can make a mean meaningless; the median and the 95th percentile
+    say what a typical and a bad event look like, and the failure rate how many events
+    went wrong: error above ``failure_threshold`` or not finite (NaN, inf). The mean and
+    the percentiles are over the finite errors; a value that cannot be given is None.
+
+    Example:
+        >>> s = robust_summary(np.array([0.01, 0.02, 0.03, 1e18, np.nan]), 0.1)
+        >>> s["median"], s["failure_rate"]
+        (0.025, 0.4)
+    """
+    e = to_numpy(errors, "errors").ravel()
+    if e.size == 0:
+        raise ValueError("errors is empty")
+    finite = e[np.isfinite(e)]
+    failed = ~np.isfinite(e)
+    if failure_threshold is not None:
+        failed |= np.isfinite(e) & (e > failure_threshold)
+
+    def plain(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    return {
+        "mean": plain(finite.mean()) if finite.size else None,
+        "median": plain(np.median(finite)) if finite.size else None,
+        "p95": plain(np.quantile(finite, 0.95)) if finite.size else None,
+        "failure_rate": float(failed.mean()),
+        "n_not_finite": int((~np.isfinite(e)).sum()),
+    }

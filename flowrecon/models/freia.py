@@ -8,6 +8,14 @@ normal, constant included, so ``log_prob(x, y) = log N(z; 0, I) + log|det dz/dx|
 Every subnet's last layer starts at zero, so a freshly built network is a pure permutation
 of x: training starts from a well-conditioned identity map and log_prob starts at the
 standard normal density.
+
+Bounded samples. FrEIA soft-clamps each block's log-scales, but its translations are the
+raw outputs of the subnets, which grow with their inputs: in the sampling direction a
+block then feeds a large feature into the next block's translation, and a rare condition
+compounds into runaway draws (83 bohr from a cINN trained on sparse bends). With
+``bounded=True`` (the default) every subnet's outputs are soft-bounded (`SoftBound`), so
+that each translation stays below `FREIA_MAX_SHIFT` in model space; ``bounded=False`` is
+FrEIA's own blocks.
 """
 
 import contextlib
@@ -28,6 +36,10 @@ from flowrecon.nn import (
     mlp,
     subnet_constructor,
 )
+
+#: Largest translation of a coupling block with ``bounded=True`` (model space, where the
+#: data are standardised): far beyond what centring standardised features needs.
+FREIA_MAX_SHIFT = 100.0
 
 _COUPLINGS: dict[str, type[Fm.InvertibleModule]] = {
     # two-sided, one subnet predicts (s, t) for each half
@@ -125,6 +137,7 @@ def build_cinn(
     clamp_activation: str = "atan",
     cond_hidden: int = 0,
     permutation_seed: int = 0,
+    bounded: bool = True,
 ) -> Estimator:
     """Builds a conditional INN: ``blocks`` x (coupling block, permutation), FrEIA.
 
@@ -150,6 +163,8 @@ def build_cinn(
             raw y to every block.
         permutation_seed: Seed of the random permutations (they are also saved in the
             state dict).
+        bounded: Soft-bounded translations (see the module docstring); False is FrEIA's
+            own coupling, whose samples can run away on rare conditions.
 
     Example:
         >>> flow = build_cinn(3, 2, blocks=2, hidden=8)
@@ -172,6 +187,7 @@ def build_cinn(
         activation=activation,
         cond_hidden=cond_hidden,
         permutation_seed=permutation_seed,
+        output_bound=FREIA_MAX_SHIFT if bounded else None,
         clamp=clamp,
         clamp_activation=clamp_fn,
         # The passive part is the smaller half, so a one-sided block transforms
@@ -196,6 +212,7 @@ def build_allinone(
     global_affine_init: float = 1.0,
     global_affine_type: str = "softplus",
     permutation_seed: int = 0,
+    bounded: bool = True,
 ) -> Estimator:
     """Builds a stack of FrEIA ``AllInOneBlock`` (coupling, global affine, permutation).
 
@@ -215,6 +232,8 @@ def build_allinone(
         global_affine_type: Activation of the global scale: softplus, sigmoid or exp.
         permutation_seed: Seed of the random permutations/rotations (they are also
             saved in the state dict).
+        bounded: Soft-bounded translations (see the module docstring); False is FrEIA's
+            own block.
 
     Example:
         >>> flow = build_allinone(3, 2, blocks=2, hidden=8)
@@ -241,6 +260,8 @@ def build_allinone(
         activation=activation,
         cond_hidden=cond_hidden,
         permutation_seed=permutation_seed,
+        # The block multiplies its subnet's outputs by 0.1 before using them.
+        output_bound=10 * FREIA_MAX_SHIFT if bounded else None,
         affine_clamping=clamp,
         global_affine_init=global_affine_init,
         global_affine_type=affine_type,
@@ -261,6 +282,7 @@ def _build(
     activation: str,
     cond_hidden: int,
     permutation_seed: int,
+    output_bound: float | None,
     **block_options: object,
 ) -> Estimator:
     """Stacks ``blocks`` x (``block``, then ``permutation`` unless None) into a `FrEIAFlow`.
@@ -268,7 +290,9 @@ def _build(
     Every ``block`` gets the same y embedding as its condition, subnets of ``subnet_layers``
     hidden layers of width ``hidden`` whose last layer starts at zero, and ``block_options``.
     """
-    subnet = subnet_constructor(hidden, subnet_layers, activation, zero_last=True)
+    subnet = subnet_constructor(
+        hidden, subnet_layers, activation, zero_last=True, output_bound=output_bound
+    )
     condition_net, cond_dim = _condition_net(y_dim, cond_hidden, activation)
     inn = Ff.SequenceINN(x_dim)
     # FrEIA draws its random permutations from numpy's global generator: seed it here

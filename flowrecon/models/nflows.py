@@ -4,6 +4,14 @@ Two habits of nflows are avoided here: ``Flow.sample(n, context)`` returns conte
 ``(B, n, D)`` (the adapter samples through the inverse transform and returns sample-first
 ``(n, B, D)``), and a conditional flow called without a context silently ignores it (the
 adapter always passes y).
+
+Bounded samples. The spline flow is bounded by construction (each spline maps
+[-tail_bound, tail_bound] onto itself, with identity tails); its inverse runs in float64
+(`SplineAutoregressiveTransform`), where nflows' float32 arithmetic can fail an assertion
+on conditions far from the training data. The affine flow uses
+`BoundedMaskedAffineTransform` by default (``bounded=True``): soft-bounded location and
+log-scale (`flowrecon.nn.AFFINE_MAX_EXPANSION`), so no sampling step can amplify its
+input by more than a fixed factor; ``bounded=False`` is nflows' own affine MADE layer.
 """
 
 import math
@@ -20,7 +28,13 @@ from nflows.transforms.base import CompositeTransform, Transform
 from nflows.transforms.permutations import ReversePermutation
 
 from flowrecon.models._estimator import Estimator
-from flowrecon.nn import activation_function, check_at_least, check_conditional_dims, check_positive
+from flowrecon.nn import (
+    activation_function,
+    bounded_affine_parameters,
+    check_at_least,
+    check_conditional_dims,
+    check_positive,
+)
 
 
 class NflowsFlow(Estimator):
@@ -60,6 +74,45 @@ class NflowsFlow(Estimator):
         return x.reshape(n, batch, self.x_dim)
 
 
+class BoundedMaskedAffineTransform(MaskedAffineAutoregressiveTransform):
+    """nflows' affine MADE layer as ``z = (x - loc) * exp(log_scale)``, soft-bounded.
+
+    Same network and parameter layout as ``MaskedAffineAutoregressiveTransform``; its two
+    outputs per feature become (log_scale, loc) through
+    `flowrecon.nn.bounded_affine_parameters` instead of nflows' ``softplus(u) + 1e-3``
+    scale and unbounded shift.
+    """
+
+    def _bounded(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw_scale, raw_loc = self._unconstrained_scale_and_shift(params)
+        loc, log_scale = bounded_affine_parameters(raw_loc, raw_scale)
+        return loc, log_scale
+
+    def _elementwise_forward(self, inputs, autoregressive_params):
+        loc, log_scale = self._bounded(autoregressive_params)
+        return (inputs - loc) * log_scale.exp(), log_scale.sum(-1)
+
+    def _elementwise_inverse(self, inputs, autoregressive_params):
+        loc, log_scale = self._bounded(autoregressive_params)
+        return inputs * (-log_scale).exp() + loc, -log_scale.sum(-1)
+
+
+class SplineAutoregressiveTransform(MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """nflows' rational-quadratic MADE layer whose inverse (sampling) runs in float64.
+
+    The inverse solves a quadratic per feature and asserts a non-negative discriminant;
+    in float32, a condition far from the training data (sharp bins, large derivatives)
+    makes it round below zero and sampling stops with an ``AssertionError``. The same
+    network and parameters, only the spline arithmetic of the inverse in double precision.
+    """
+
+    def _elementwise_inverse(self, inputs, autoregressive_params):
+        outputs, logabsdet = self._elementwise(
+            inputs.double(), autoregressive_params.double(), inverse=True
+        )
+        return outputs.to(inputs.dtype), logabsdet.to(inputs.dtype)
+
+
 def build_maf(
     x_dim: int,
     y_dim: int,
@@ -69,6 +122,7 @@ def build_maf(
     residual_blocks: int = 2,
     activation: str = "relu",
     dropout: float = 0.0,
+    bounded: bool = True,
 ) -> Estimator:
     """Builds a conditional masked autoregressive flow (affine MADE layers), nflows.
 
@@ -81,6 +135,8 @@ def build_maf(
         residual_blocks: Number of masked residual blocks in each MADE network.
         activation: MADE activation: relu, leaky_relu, elu, gelu, silu or tanh.
         dropout: Dropout probability inside the MADE networks.
+        bounded: Soft-bounded affine layers (`BoundedMaskedAffineTransform`); False uses
+            nflows' own, whose samples can run away on rare conditions.
 
     Example:
         >>> flow = build_maf(3, 2, transforms=2, hidden=8)
@@ -90,9 +146,10 @@ def build_maf(
     made = _made_kwargs(
         "nflows-maf", x_dim, y_dim, transforms, hidden, residual_blocks, activation, dropout
     )
+    cls = BoundedMaskedAffineTransform if bounded else MaskedAffineAutoregressiveTransform
 
     def layer() -> Transform:
-        transform = MaskedAffineAutoregressiveTransform(**made)
+        transform = cls(**made)
         _start_as_identity(transform)
         return transform
 
@@ -138,7 +195,7 @@ def build_nsf(
     check_positive(tail_bound=tail_bound)
 
     def layer() -> Transform:
-        return MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+        return SplineAutoregressiveTransform(
             **made, num_bins=bins, tails="linear", tail_bound=tail_bound
         )
 
@@ -156,10 +213,11 @@ def _start_as_identity(transform: MaskedAffineAutoregressiveTransform) -> None:
     final = transform.autoregressive_net.final_layer
     with torch.no_grad():
         final.weight.zero_()
-        # The outputs interleave (unconstrained scale, shift) per feature;
-        # softplus(u) + epsilon = 1 at u = log(exp(1 - epsilon) - 1).
-        final.bias.zero_()
-        final.bias[0::2] = math.log(math.expm1(1.0 - transform._epsilon))
+        final.bias.zero_()  # the bounded layer: log-scale 0, location 0
+        if not isinstance(transform, BoundedMaskedAffineTransform):
+            # The outputs interleave (unconstrained scale, shift) per feature;
+            # softplus(u) + epsilon = 1 at u = log(exp(1 - epsilon) - 1).
+            final.bias[0::2] = math.log(math.expm1(1.0 - transform._epsilon))
 
 
 def _flow(x_dim: int, transforms: int, layer: Callable[[], Transform]) -> Flow:

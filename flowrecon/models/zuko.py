@@ -4,13 +4,53 @@ zuko already speaks the contract's language: ``flow(y)`` is a distribution over 
 ``rsample((n,))`` is sample-first ``(n, B, D)`` and differentiable, and whose ``log_prob``
 includes the base constant. With ``x_dim == 1`` zuko replaces the autoregressive or
 coupling layers by element-wise transforms whose parameters depend on y only.
+
+Bounded samples. The spline flow is bounded by construction: each spline maps [-5, 5]
+onto itself and is the identity outside, so a sample is never larger than
+``max(|z|, 5)`` in model space. The affine flows (MAF, RealNVP) use `BoundedAffineTransform`
+by default (``bounded=True``), whose soft-bounded location and log-scale keep every
+sampling step from amplifying its input by more than a fixed factor
+(`flowrecon.nn.AFFINE_MAX_EXPANSION`); ``bounded=False`` is zuko's own affine step.
 """
 
 import torch
 import zuko
+from zuko.transforms import MonotonicAffineTransform
 
 from flowrecon.models._estimator import Estimator
-from flowrecon.nn import activation_class, check_at_least, check_conditional_dims
+from flowrecon.nn import (
+    activation_class,
+    bounded_affine_parameters,
+    check_at_least,
+    check_conditional_dims,
+)
+
+
+class BoundedAffineTransform(MonotonicAffineTransform):
+    """``z = (x - loc) * exp(log_scale)`` with soft-bounded loc and log-scale.
+
+    Takes the same two unconstrained parameters as zuko's ``MonotonicAffineTransform``
+    (so the hyper-network is unchanged) and maps them with
+    `flowrecon.nn.bounded_affine_parameters`. The location is subtracted before scaling,
+    so the inverse (sampling) step ``x = z * exp(-log_scale) + loc`` moves a feature by a
+    bounded amount whatever the features it depends on.
+
+    Example:
+        >>> t = BoundedAffineTransform(torch.tensor([1e9]), torch.tensor([-1e9]))
+        >>> bool(t.inv(torch.tensor([1.0])).abs().max() < 70)
+        True
+    """
+
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor, **kwargs) -> None:
+        torch.distributions.Transform.__init__(self, **kwargs)
+        self.loc, self.log_scale = bounded_affine_parameters(shift, scale)
+        self.scale = self.log_scale.exp()
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.loc) * self.scale
+
+    def _inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale + self.loc
 
 
 class ZukoFlow(Estimator):
@@ -93,6 +133,7 @@ def build_maf(
     hidden_layers: int = 2,
     activation: str = "relu",
     randperm: bool = False,
+    bounded: bool = True,
 ) -> Estimator:
     """Builds a conditional masked autoregressive flow, zuko (``zuko.flows.MAF``).
 
@@ -105,6 +146,8 @@ def build_maf(
         activation: MLP activation: relu, leaky_relu, elu, gelu, silu or tanh.
         randperm: Random feature orders between transforms instead of alternating
             ascending and descending orders.
+        bounded: Soft-bounded affine steps (`BoundedAffineTransform`); False uses
+            zuko's own, whose samples can run away on rare conditions.
 
     Example:
         >>> flow = build_maf(3, 2, transforms=2, hidden=8)
@@ -112,6 +155,7 @@ def build_maf(
         torch.Size([4])
     """
     kwargs = _flow_kwargs("zuko-maf", x_dim, y_dim, transforms, hidden, hidden_layers, activation)
+    kwargs.update(_univariate(bounded))
     return ZukoFlow(x_dim, y_dim, zuko.flows.MAF(**kwargs, randperm=randperm))
 
 
@@ -124,6 +168,7 @@ def build_realnvp(
     hidden_layers: int = 2,
     activation: str = "relu",
     randmask: bool = False,
+    bounded: bool = True,
 ) -> Estimator:
     """Builds a conditional RealNVP (affine coupling) flow, zuko (``zuko.flows.RealNVP``).
 
@@ -135,6 +180,8 @@ def build_realnvp(
         hidden_layers: Number of hidden layers of each coupling MLP.
         activation: MLP activation: relu, leaky_relu, elu, gelu, silu or tanh.
         randmask: Random coupling masks instead of alternating checkerboard masks.
+        bounded: Soft-bounded affine steps (`BoundedAffineTransform`); False uses
+            zuko's own.
 
     Example:
         >>> flow = build_realnvp(3, 2, transforms=2, hidden=8)
@@ -144,7 +191,13 @@ def build_realnvp(
     kwargs = _flow_kwargs(
         "zuko-realnvp", x_dim, y_dim, transforms, hidden, hidden_layers, activation
     )
+    kwargs.update(_univariate(bounded))
     return ZukoFlow(x_dim, y_dim, zuko.flows.RealNVP(**kwargs, randmask=randmask))
+
+
+def _univariate(bounded: bool) -> dict[str, object]:
+    """The affine step's keyword for zuko's MAF and RealNVP (none: zuko's default)."""
+    return {"univariate": BoundedAffineTransform} if bounded else {}
 
 
 def _flow_kwargs(

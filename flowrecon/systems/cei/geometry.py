@@ -12,7 +12,7 @@ molecule) explode them and add detector noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,7 @@ def sample_ocs(
     r_cs: float = R_CS_EQ,
     masses: Sequence[float] = MASSES,
     rotate: bool = True,
+    bend_sampler: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """OCS geometries near linear equilibrium, shape (n, 9), bohr, float64.
 
@@ -100,6 +101,10 @@ def sample_ocs(
     doubly degenerate bending mode: its two components are Gaussian with
     ``bend_sigma_deg`` each, so the deviation from linear follows a Rayleigh law
     (exactly linear molecules are rare, as in nature). Bonds are kept above 0.5 bohr.
+
+    ``bend_sampler(n, generator)``, when given, replaces that law: it returns the n
+    deviations from linear in radians (float64, on the generator's device), e.g. a law
+    peaked at linear for a stress test with sparse tails. ``bend_sigma_deg`` is then unused.
 
     Example:
         >>> x = sample_ocs(3, torch.Generator().manual_seed(0))
@@ -114,10 +119,16 @@ def sample_ocs(
     r2 = (r_cs + bond_sigma * torch.randn(n, generator=g, dtype=torch.float64, device=dev)).clamp(
         min=0.5
     )
-    bend_xy = math.radians(bend_sigma_deg) * torch.randn(
-        n, 2, generator=g, dtype=torch.float64, device=dev
-    )
-    bend = bend_xy.norm(dim=1).clamp(max=math.pi)
+    if bend_sampler is None:
+        bend_xy = math.radians(bend_sigma_deg) * torch.randn(
+            n, 2, generator=g, dtype=torch.float64, device=dev
+        )
+        bend = bend_xy.norm(dim=1).clamp(max=math.pi)
+    else:
+        bend = torch.as_tensor(bend_sampler(n, g), dtype=torch.float64, device=dev)
+        if bend.shape != (n,):
+            raise ValueError(f"bend_sampler must return {n} bends, got shape {tuple(bend.shape)}")
+        bend = bend.clamp(min=0.0, max=math.pi)
     x = torch.zeros(n, 3, 3, dtype=torch.float64, device=dev)
     x[:, 1, 0] = -r1  # O on the -x side of C
     x[:, 2, 0] = r2 * torch.cos(bend)  # S bent away from the axis in the xy plane

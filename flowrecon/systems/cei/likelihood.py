@@ -12,7 +12,7 @@ constant Jacobian, which cancels when the weights are normalised.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def posterior_weights(
     log_q: np.ndarray,
     noise: float,
     *,
-    prior: str = "ocs",
+    prior: str | Callable[[np.ndarray], np.ndarray] = "ocs",
     charges: Sequence[float] = DEFAULT_CHARGES,
     masses: Sequence[float] = MASSES,
     compile: bool | None = None,
@@ -124,16 +124,20 @@ def posterior_weights(
         momenta: (B, 9) observed momenta.
         log_q: (K, B) the model's log density of each sample given its event's momenta.
         noise: relative momentum resolution of the detector.
-        prior: ``"ocs"`` (the simulated OCS geometry distribution, `ocs_log_prior`) or
-            ``"flat"`` (constant in the relative coordinates).
+        prior: ``"ocs"`` (the simulated OCS geometry distribution, `ocs_log_prior`),
+            ``"flat"`` (constant in the relative coordinates), or a callable taking
+            positions ``(..., 9)`` to log-densities over the relative coordinates (e.g.
+            `flowrecon.systems.cei.prior.learned_log_prior`).
         charges, masses: the explosion channel.
         compile: see `asymptotic_momenta`.
     """
-    if prior not in ("ocs", "flat"):
-        raise ValueError(f"unknown prior {prior!r}; choose 'ocs' or 'flat'")
+    if not callable(prior) and prior not in ("ocs", "flat"):
+        raise ValueError(f"unknown prior {prior!r}; choose 'ocs', 'flat' or a callable")
     log_w = momentum_log_likelihood(
         samples, momenta, noise, charges=charges, masses=masses, compile=compile
     )
-    if prior == "ocs":
+    if callable(prior):
+        log_w = log_w + np.asarray(prior(samples), dtype=float)
+    elif prior == "ocs":
         log_w = log_w + ocs_log_prior(samples)
     return importance_weights(log_w - np.asarray(log_q, dtype=float))

@@ -19,6 +19,7 @@ import torch
 
 from flowrecon.evaluation.metrics import coverage_curve, relative_errors, to_numpy
 from flowrecon.evaluation.metrics import nll as mean_nll
+from flowrecon.system import MetricInfo
 from flowrecon.systems.cei.constants import ATOMS, MASSES
 from flowrecon.systems.cei.physics import (
     energy_difference,
@@ -29,6 +30,8 @@ from flowrecon.systems.cei.physics import (
 from flowrecon.systems.cei.simulator import asymptotic_momenta
 
 __all__ = [
+    "METRIC_INFO",
+    "CEIMetrics",
     "DESIGN_KEYS",
     "EXTRA_KEYS",
     "cei_metrics",
@@ -146,6 +149,150 @@ def _resim_residuals(
     return np.where(np.isnan(residual), np.inf, residual)
 
 
+class CEIMetrics:
+    """The CEI metrics, accumulated over chunks of posterior draws.
+
+    ``update`` takes the draws of consecutive events; ``finish`` computes the metrics.
+    With ``coverage=False`` the coverage keys are left out (the generic evaluation of
+    `flowrecon.runs` computes them once for every system).
+
+    Example:
+        >>> x = np.array([[0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0]])
+        >>> acc = CEIMetrics(x, asymptotic_momenta(x), charges=(2, 2, 2))
+        >>> acc.update(0, 1, np.stack([x, x]))
+        >>> acc.finish()["ade"]
+        0.0
+    """
+
+    def __init__(
+        self,
+        positions_true: ArrayLike,
+        momenta_obs: ArrayLike,
+        *,
+        charges: Sequence[float],
+        masses: Sequence[float] = MASSES,
+        levels: Sequence[float] = _REQUIRED_LEVELS,
+        coverage: bool = True,
+        eps: float = 1e-10,
+    ) -> None:
+        self.x_true = _flat9(positions_true, "positions_true")
+        self.n_events = self.x_true.shape[0]
+        if self.n_events == 0:
+            raise ValueError("positions_true holds no events")
+        self.p_obs = _flat9(momenta_obs, "momenta_obs", self.n_events)
+        self.charges, self.masses, self.eps = charges, masses, eps
+        self.levels = np.array(sorted({float(v) for v in (*_REQUIRED_LEVELS, *levels)}))
+        self.coverage = coverage
+        self.x_mean = np.empty_like(self.x_true)
+        self.inside = np.zeros(self.levels.size)
+        self.ade_sample_sum = self.std_sum = 0.0
+        self.n_draws = 0
+
+    def update(self, start: int, stop: int, s: np.ndarray) -> None:
+        """Takes the draws ``(n, stop - start, 9)`` of events ``start:stop``."""
+        self.n_draws = s.shape[0]
+        t = self.x_true[start:stop]
+        self.x_mean[start:stop] = s.mean(axis=0)
+        self.std_sum += float(s.std(axis=0).sum())
+        self.ade_sample_sum += float(_atom_distances(s, t).sum())
+        if self.coverage:
+            self.inside += coverage_curve(s, t, self.levels)[1] * t.size
+
+    def finish(
+        self,
+        *,
+        log_prob: ArrayLike | None = None,
+        resimulate: bool = True,
+        resim_max_events: int | None = None,
+        seed: int = 0,
+        resim_device: str | torch.device | None = None,
+    ) -> Metrics:
+        """The metrics of every event seen; arguments as in `cei_metrics`."""
+        x_mean, x_true, n_events = self.x_mean, self.x_true, self.n_events
+        dist = _atom_distances(x_mean, x_true)  # (B, 3)
+        com_diff = remove_centre_of_mass(x_mean, self.masses) - remove_centre_of_mass(
+            x_true, self.masses
+        )
+        rmsd = np.sqrt((com_diff.reshape(-1, 3, 3) ** 2).sum(-1).mean(-1))
+        ic_pred, ic_true = internal_coordinates(x_mean), internal_coordinates(x_true)
+        rel = relative_errors(x_mean, x_true, eps=self.eps)
+        resim, resim_events = self._resim(resimulate, resim_max_events, seed, resim_device)
+        coverage = {
+            _coverage_key(v): float(c / x_true.size) for v, c in zip(self.levels, self.inside)
+        }
+        charges, masses, p_obs = self.charges, self.masses, self.p_obs
+        values: dict[str, float | None] = {
+            "ade": dist.mean(),
+            "ade_sample": self.ade_sample_sum / (self.n_draws * n_events * 3),
+            "rmsd_com": rmsd.mean(),
+            "bond_error_co": np.abs(ic_pred.r_co - ic_true.r_co).mean(),
+            "bond_error_cs": np.abs(ic_pred.r_cs - ic_true.r_cs).mean(),
+            "angle_error_deg": np.abs(ic_pred.angle_ocs_deg - ic_true.angle_ocs_deg).mean(),
+            "mre": rel.mre,
+            "mre2": rel.mre2,
+            "mse": np.mean((x_mean - x_true) ** 2),
+            "energy_diff": energy_difference(x_mean, p_obs, charges, masses).mean(),
+            "energy_diff2": energy_difference_squared(x_mean, p_obs, charges, masses).mean(),
+            "resim_residual": resim,
+            "coverage_50": coverage.pop("coverage_50"),
+            "coverage_90": coverage.pop("coverage_90"),
+            "nll": _mean_nll(log_prob, n_events),
+            **{f"ade_{atom.lower()}": dist[:, i].mean() for i, atom in enumerate(ATOMS)},
+            "posterior_std": self.std_sum / x_true.size,
+            "mre_small_threshold": rel.threshold,
+            **coverage,
+        }
+        counts = {
+            "n_samples": self.n_draws,
+            "mre_small_coordinates": rel.n_small,
+            "resim_events": resim_events,
+        }
+        metrics: Metrics = {"n": n_events}
+        for key in (*DESIGN_KEYS[1:], "n_samples", *EXTRA_KEYS[1:], *coverage):
+            if key.startswith("coverage_") and not self.coverage:
+                continue
+            metrics[key] = counts[key] if key in counts else _finite_or_none(key, values[key])
+        return metrics
+
+    def _resim(
+        self,
+        resimulate: bool,
+        resim_max_events: int | None,
+        seed: int,
+        device: str | torch.device | None,
+    ) -> tuple[float | None, int]:
+        if not resimulate:
+            return None, 0
+        idx = np.arange(self.n_events)
+        if resim_max_events is not None and self.n_events > resim_max_events:
+            rng = np.random.default_rng(seed)
+            idx = np.sort(rng.choice(self.n_events, size=resim_max_events, replace=False))
+        if not idx.size:
+            return None, 0
+        residual = _resim_residuals(
+            self.x_mean[idx], self.p_obs[idx], self.charges, self.masses, device
+        )
+        return float(np.median(residual)), int(idx.size)
+
+
+def _mean_nll(log_prob: ArrayLike | None, n_events: int) -> float | None:
+    """Mean negative log-likelihood, or None without densities or with a NaN among them."""
+    if log_prob is None:
+        return None
+    lp = to_numpy(log_prob, "log_prob")
+    if lp.shape != (n_events,):
+        raise ValueError(f"log_prob must have shape ({n_events},); got {lp.shape}")
+    n_nan = int(np.isnan(lp).sum())
+    if n_nan:
+        warnings.warn(
+            f"log_prob holds {n_nan} NaN of {n_events}; nll reported as None",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return mean_nll(lp)
+
+
 def cei_metrics(
     samples: Samples,
     positions_true: ArrayLike,
@@ -162,7 +309,7 @@ def cei_metrics(
     seed: int = 0,
     resim_device: str | torch.device | None = None,
 ) -> Metrics:
-    """All CEI metrics of DESIGN section 3 for posterior samples of initial positions.
+    """All CEI metrics for posterior samples of initial positions (see `CEIMetrics`).
 
     Point metrics use the posterior mean of each event; ``ade_sample`` and the coverages
     use every draw. Energies take KE from the observed momenta and PE from the predicted
@@ -206,114 +353,61 @@ def cei_metrics(
         >>> m["ade"], m["resim_residual"] < 1e-12, m["coverage_90"]
         (0.0, True, 1.0)
     """
-    x_true = _flat9(positions_true, "positions_true")
-    n_events = x_true.shape[0]
-    if n_events == 0:
-        raise ValueError("positions_true holds no events")
-    p_obs = _flat9(momenta_obs, "momenta_obs", n_events)
+    acc = CEIMetrics(
+        positions_true, momenta_obs, charges=charges, masses=masses, levels=levels, eps=eps
+    )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
-    lv = np.array(sorted({float(v) for v in (*_REQUIRED_LEVELS, *levels)}))
-    draw = _drawer(samples, n_events)
-
-    # Pass over the draws once, chunk by chunk; only (B, 9) summaries are kept.
-    x_mean = np.empty_like(x_true)
-    inside = np.zeros(lv.size)
-    ade_sample_sum = std_sum = 0.0
-    n_draws = 0
-    for start in range(0, n_events, chunk_size):
-        stop = min(start + chunk_size, n_events)
-        s = draw(start, stop)
-        n_draws = s.shape[0]
-        t = x_true[start:stop]
-        x_mean[start:stop] = s.mean(axis=0)
-        std_sum += float(s.std(axis=0).sum())
-        ade_sample_sum += float(_atom_distances(s, t).sum())
-        inside += coverage_curve(s, t, lv)[1] * t.size
-
-    dist = _atom_distances(x_mean, x_true)  # (B, 3)
-    com_diff = remove_centre_of_mass(x_mean, masses) - remove_centre_of_mass(x_true, masses)
-    rmsd = np.sqrt((com_diff.reshape(-1, 3, 3) ** 2).sum(-1).mean(-1))
-    ic_pred, ic_true = internal_coordinates(x_mean), internal_coordinates(x_true)
-    rel = relative_errors(x_mean, x_true, eps=eps)
-
-    resim, resim_events = None, 0
-    if resimulate:
-        idx = np.arange(n_events)
-        if resim_max_events is not None and n_events > resim_max_events:
-            rng = np.random.default_rng(seed)
-            idx = np.sort(rng.choice(n_events, size=resim_max_events, replace=False))
-        resim_events = int(idx.size)
-        if resim_events:
-            residual = _resim_residuals(x_mean[idx], p_obs[idx], charges, masses, resim_device)
-            resim = float(np.median(residual))
-
-    nll = None
-    if log_prob is not None:
-        lp = to_numpy(log_prob, "log_prob")
-        if lp.shape != (n_events,):
-            raise ValueError(f"log_prob must have shape ({n_events},); got {lp.shape}")
-        n_nan = int(np.isnan(lp).sum())
-        if n_nan:
-            warnings.warn(
-                f"log_prob holds {n_nan} NaN of {n_events}; nll reported as None",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            nll = mean_nll(lp)
-
-    coverage = {_coverage_key(v): float(c / x_true.size) for v, c in zip(lv, inside)}
-    values: dict[str, float | None] = {
-        "ade": dist.mean(),
-        "ade_sample": ade_sample_sum / (n_draws * n_events * 3),
-        "rmsd_com": rmsd.mean(),
-        "bond_error_co": np.abs(ic_pred.r_co - ic_true.r_co).mean(),
-        "bond_error_cs": np.abs(ic_pred.r_cs - ic_true.r_cs).mean(),
-        "angle_error_deg": np.abs(ic_pred.angle_ocs_deg - ic_true.angle_ocs_deg).mean(),
-        "mre": rel.mre,
-        "mre2": rel.mre2,
-        "mse": np.mean((x_mean - x_true) ** 2),
-        "energy_diff": energy_difference(x_mean, p_obs, charges, masses).mean(),
-        "energy_diff2": energy_difference_squared(x_mean, p_obs, charges, masses).mean(),
-        "resim_residual": resim,
-        "coverage_50": coverage.pop("coverage_50"),
-        "coverage_90": coverage.pop("coverage_90"),
-        "nll": nll,
-        **{f"ade_{atom.lower()}": dist[:, i].mean() for i, atom in enumerate(ATOMS)},
-        "posterior_std": std_sum / x_true.size,
-        "mre_small_threshold": rel.threshold,
-        **coverage,
-    }
-    metrics: Metrics = {"n": n_events}
-    for key in (*DESIGN_KEYS[1:], "n_samples", *EXTRA_KEYS[1:], *coverage):
-        if key == "n_samples":
-            metrics[key] = n_draws
-        elif key == "mre_small_coordinates":
-            metrics[key] = rel.n_small
-        elif key == "resim_events":
-            metrics[key] = resim_events
-        else:
-            metrics[key] = _finite_or_none(key, values[key])
-    return metrics
+    draw = _drawer(samples, acc.n_events)
+    for start in range(0, acc.n_events, chunk_size):
+        stop = min(start + chunk_size, acc.n_events)
+        acc.update(start, stop, draw(start, stop))
+    return acc.finish(
+        log_prob=log_prob,
+        resimulate=resimulate,
+        resim_max_events=resim_max_events,
+        seed=seed,
+        resim_device=resim_device,
+    )
 
 
-#: Rows of `format_metrics_table`: key, unit, meaning.
-_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("ade", "bohr", "mean atom distance, posterior mean"),
-    ("ade_sample", "bohr", "mean atom distance, single draws"),
-    ("rmsd_com", "bohr", "RMSD after centre-of-mass removal"),
-    ("bond_error_co", "bohr", "mean |r_CO error|"),
-    ("bond_error_cs", "bohr", "mean |r_CS error|"),
-    ("angle_error_deg", "deg", "mean |O-C-S angle error|"),
-    ("posterior_std", "bohr", "mean posterior std of a coordinate"),
-    ("mse", "bohr^2", "mean squared coordinate error"),
-    ("mre", "%", "mean |error| / |truth| (seed decks)"),
-    ("mre2", "%", "mean (error / truth)^2 (seed decks)"),
-    ("energy_diff", "ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
-    ("energy_diff2", "ratio", "mean ((KE - PE) / KE)^2"),
-    ("resim_residual", "ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
-)
+#: Metrics of a CEI evaluation, in the order ``metrics.json`` lists them.
+METRIC_INFO: dict[str, MetricInfo] = {
+    "n": MetricInfo("events", "test events"),
+    "ade": MetricInfo("bohr", "mean atom distance, posterior mean"),
+    "ade_median": MetricInfo("bohr", "median over events of the mean atom distance"),
+    "ade_p95": MetricInfo("bohr", "95th percentile over events of the mean atom distance"),
+    "failure_rate": MetricInfo("fraction", "events with ade > 0.1 bohr or not finite"),
+    "ade_sample": MetricInfo("bohr", "mean atom distance, single draws"),
+    "rmsd_com": MetricInfo("bohr", "RMSD after centre-of-mass removal"),
+    "bond_error_co": MetricInfo("bohr", "mean |r_CO error|"),
+    "bond_error_cs": MetricInfo("bohr", "mean |r_CS error|"),
+    "angle_error_deg": MetricInfo("deg", "mean |O-C-S angle error|"),
+    "mre": MetricInfo("%", "mean |error| / |truth| (seed decks)"),
+    "mre2": MetricInfo("%", "mean (error / truth)^2 (seed decks)"),
+    "mse": MetricInfo("bohr^2", "mean squared coordinate error"),
+    "energy_diff": MetricInfo("ratio", "mean |KE - PE| / KE, KE observed, PE predicted"),
+    "energy_diff2": MetricInfo("ratio", "mean ((KE - PE) / KE)^2"),
+    "resim_residual": MetricInfo("ratio", "median |p_sim - p_obs| / |p_obs|, re-simulated"),
+    "coverage_50": MetricInfo("fraction", "true coordinates inside the central 50 % interval"),
+    "coverage_90": MetricInfo("fraction", "true coordinates inside the central 90 % interval"),
+    "nll": MetricInfo("nats", "mean negative log-likelihood of the true positions"),
+    "n_samples": MetricInfo("draws", "posterior draws per event"),
+    "ade_c": MetricInfo("bohr", "mean distance of C"),
+    "ade_o": MetricInfo("bohr", "mean distance of O"),
+    "ade_s": MetricInfo("bohr", "mean distance of S"),
+    "posterior_std": MetricInfo("bohr", "mean posterior std of a coordinate"),
+    "mre_small_coordinates": MetricInfo("count", "true coordinates near zero (mre unreliable)"),
+    "mre_small_threshold": MetricInfo("bohr", "|x| below which a coordinate counts as near zero"),
+    "resim_events": MetricInfo("events", "events re-simulated for resim_residual"),
+}
+
+#: Rows of `format_metrics_table`, in order (units and meanings from `METRIC_INFO`).
+_TABLE_KEYS: tuple[str, ...] = (
+    "ade", "ade_median", "ade_p95", "failure_rate", "ade_sample", "rmsd_com", "bond_error_co",
+    "bond_error_cs", "angle_error_deg", "posterior_std", "mse", "mre", "mre2", "energy_diff",
+    "energy_diff2", "resim_residual",
+)  # fmt: skip
 
 
 def _fmt(value: float | int | None) -> str:
@@ -337,9 +431,10 @@ def format_metrics_table(metrics: Metrics) -> str:
     if metrics.get("n_samples") is not None:
         header += f", {metrics['n_samples']} posterior draws each"
     rows: list[tuple[str, str, str, str]] = []
-    for key, unit, meaning in _ROWS:
+    for key in _TABLE_KEYS:
         if key not in metrics:
             continue
+        unit, meaning = METRIC_INFO[key].unit, METRIC_INFO[key].description
         if key == "ade" and all(f"ade_{a.lower()}" in metrics for a in ATOMS):
             per_atom = ", ".join(f"{a} {_fmt(metrics[f'ade_{a.lower()}'])}" for a in ATOMS)
             meaning = f"{meaning} ({per_atom})"
@@ -357,8 +452,8 @@ def format_metrics_table(metrics: Metrics) -> str:
         )
         rows.append((key, shown, "", meaning))
     if "nll" in metrics:
-        meaning = "mean negative log-likelihood of the true positions"
-        rows.append(("nll", _fmt(metrics["nll"]), "nats", meaning))
+        info = METRIC_INFO["nll"]
+        rows.append(("nll", _fmt(metrics["nll"]), info.unit, info.description))
 
     widths = [max((len(r[c]) for r in rows), default=0) for c in range(3)]
     lines = [header] + [
