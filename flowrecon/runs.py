@@ -174,10 +174,13 @@ def read_system_table(
     from flowrecon.data import DataError, read_table
 
     x_cols, y_cols = list(system.x_columns), list(system.y_columns)
+    hint = system.column_hint
     if require_x:
-        frame, report = read_table(path, x_cols + y_cols, drop_invalid=drop_invalid)
+        frame, report = read_table(path, x_cols + y_cols, drop_invalid=drop_invalid, hint=hint)
     else:
-        frame, report = read_table(path, y_cols, drop_invalid=drop_invalid, optional=x_cols)
+        frame, report = read_table(
+            path, y_cols, drop_invalid=drop_invalid, optional=x_cols, hint=hint
+        )
         present = [c for c in x_cols if c in frame.columns]
         if 0 < len(present) < len(x_cols):
             absent = ", ".join(repr(c) for c in x_cols if c not in frame.columns)

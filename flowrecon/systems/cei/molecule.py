@@ -71,6 +71,7 @@ __all__ = [
     "Molecule",
     "ZMatrixRow",
     "available_molecules",
+    "describe_molecule",
     "isotope_mass",
     "load_molecule",
     "molecule_from_dict",
@@ -743,23 +744,44 @@ def load_molecule(spec: str | Path | Molecule | Mapping[str, Any]) -> Molecule:
     )
 
 
+def describe_molecule(molecule: Molecule) -> dict[str, Any]:
+    """One molecule as a row of text: atoms, charges, masses, frame atoms, chirality.
+
+    Example:
+        >>> row = describe_molecule(load_molecule("co2"))
+        >>> row["atoms"], row["charges"], row["frame"], row["identical"]
+        ('c o1 o2', '1,1,1', 'o2,c', 'o1=o2')
+    """
+    labels = molecule.labels
+    chiral = "no"
+    if molecule.chirality is not None:
+        centre, *subs = (labels[i] for i in molecule.chirality)
+        chiral = f"{centre}: {','.join(subs)}" + (" (racemic)" if molecule.racemic else "")
+    return {
+        "name": molecule.name,
+        "formula": molecule.formula,
+        "atoms": " ".join(labels),
+        "charges": ",".join(f"{q:g}" for q in molecule.charges),
+        "masses (m_e)": ",".join(f"{m:.1f}" for m in molecule.masses),
+        "frame": "from data"
+        if molecule.frame is None
+        else ",".join(labels[i] for i in molecule.frame),
+        "chirality": chiral,
+        "identical": " ".join("=".join(labels[i] for i in g) for g in molecule.identical_groups())
+        or "-",
+        "description": molecule.description,
+    }
+
+
 def available_molecules() -> list[dict[str, Any]]:
-    """The built-in molecules: name, formula, atoms, charges and description.
+    """The built-in molecules (`flowrecon molecules`; `--molecule NAME` picks one).
+
+    Each row: name, formula, atom labels, charges of the default channel, masses in
+    electron masses, the momentum frame's reference atoms, the chirality centre and its
+    substituents, the identical atoms, and a description.
 
     Example:
         >>> [m["name"] for m in available_molecules()][:2]
         ['ch2i2', 'chbrclf']
     """
-    rows = []
-    for name in preset_names():
-        m = load_molecule(name)
-        rows.append(
-            {
-                "name": name,
-                "formula": m.formula,
-                "atoms": " ".join(m.labels),
-                "charges": ",".join(f"{q:g}" for q in m.charges),
-                "description": m.description,
-            }
-        )
-    return rows
+    return [describe_molecule(load_molecule(name)) for name in preset_names()]

@@ -7,8 +7,10 @@ known at inference time and never leaks x. It only rotates (``log|det| = 0``); t
 whitening that follows drops the directions the data do not fill (centre of mass,
 out-of-plane coordinates of planar molecules). The reference atoms are the molecule's
 own (``frame`` in its file), or, when none are given, chosen in ``fit`` from the training
-momenta (`flowrecon.systems.cei.frames.choose_frame_atoms`). The state is two integers
-and the number of atoms, so a saved model rebuilds the same frame.
+momenta (`flowrecon.systems.cei.frames.choose_frame_atoms`). By name the reference atoms
+are given as ``cei-molecule-frame:A,B`` (atom indices; the CEI system names its
+molecule's that way). The state is two integers and the number of atoms, so a saved
+model rebuilds the same frame.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ class MoleculeFrameTransform(PairTransform):
             self.n_atoms, self.reference = m.n_atoms, m.frame
         if reference is not None:
             self.reference = (int(reference[0]), int(reference[1]))
+
+    @classmethod
+    def from_options(cls, text: str) -> MoleculeFrameTransform:
+        """The transform named ``cei-molecule-frame:A,B``: reference atoms A and B.
+
+        Example:
+            >>> MoleculeFrameTransform.from_options("3,0").reference
+            (3, 0)
+        """
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or parts[0] == parts[1]:
+            raise ValueError(
+                f"transform {cls.name}:A,B takes two different atom indices, got {text!r}"
+            )
+        return cls(reference=(int(parts[0]), int(parts[1])))
 
     def fit(self, x: Tensor, y: Tensor) -> MoleculeFrameTransform:
         width = y.shape[-1]
