@@ -856,7 +856,13 @@ def compare(
     """Train every named model on the same split and budget, evaluate all alike, tabulate."""
     from flowrecon.runs import compare_runs
 
-    spec, routed = _system_values(system_spec, set_pairs, ctx.args, ["system", "evaluate"])
+    # A system's own flags after the names (`compare nsf maf --molecule so2`) reach the
+    # names argument, which takes unknown options as values: they go to the system.
+    cut = next((i for i, name in enumerate(names) if name.startswith("-")), len(names))
+    names, extra = names[:cut], [*names[cut:], *ctx.args]
+    if not names:
+        raise click.UsageError("give the models to compare before the options")
+    spec, routed = _system_values(system_spec, set_pairs, extra, ["system", "evaluate"])
     training = {k: v for k, v in training_flags.items() if v is not None}
     compare_runs(
         list(names),

@@ -320,8 +320,9 @@ def _deviation_panel(ax: Any, d: np.ndarray, title: str) -> None:
     """Samples' deviations ``(n, 3)`` from the truth: e1 vs e2, colour e3."""
     half = max(1.3 * float(np.quantile(np.abs(d), 0.975)), 1e-6)
     inside = (np.abs(d) <= half).all(axis=1)
+    # A dark edge keeps dots with e3 ~ 0 (the light middle of the colour map) visible.
     ax.scatter(d[inside, 0], d[inside, 1], c=d[inside, 2], cmap="coolwarm", vmin=-half,
-               vmax=half, s=8, alpha=0.7, lw=0)  # fmt: skip
+               vmax=half, s=10, alpha=0.8, edgecolors="0.3", linewidths=0.3)  # fmt: skip
     ax.scatter(0, 0, s=80, marker="x", color="black", lw=2, zorder=3)
     ax.set_xlim(-half, half)
     ax.set_ylim(-half, half)
