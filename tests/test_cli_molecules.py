@@ -171,6 +171,7 @@ def test_a_toml_molecule_is_kept_in_the_run(data, tmp_path):
     assert {"bond_error_nh1", "angle_error_h1nh2_deg", "angle_error_deg"} <= set(metrics)
 
 
+@pytest.mark.slow  # two trainings and evaluations: ~25 s on two shared cores
 def test_compare_on_a_molecule(data, tmp_path):
     out = tmp_path / "cmp"
     _ok("compare", "zuko-maf", "cvae", "--molecule", "co2", "--data", data["co2"], "--epochs", 1,
