@@ -49,6 +49,7 @@ __all__ = [
     "DESIGN_KEYS",
     "EXTRA_KEYS",
     "MetricLayout",
+    "atom_distances",
     "cei_metrics",
     "example_events_table",
     "format_metrics_table",
@@ -222,8 +223,13 @@ def _drawer(samples: Samples, n_events: int, width: int = 9) -> Callable[[int, i
     return draw
 
 
-def _atom_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-atom Euclidean distances ``(..., N)`` between flat ``(..., 3N)`` geometries."""
+def atom_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-atom Euclidean distances ``(..., N)`` between flat ``(..., 3N)`` geometries.
+
+    Example:
+        >>> atom_distances(np.zeros(6), np.r_[3.0, 4, 0, 0, 0, 1])
+        array([5., 1.])
+    """
     shape = np.broadcast_shapes(a.shape, b.shape)
     d = (a - b).reshape(*shape[:-1], shape[-1] // 3, 3)
     return np.sqrt((d * d).sum(-1))
@@ -329,7 +335,7 @@ class CEIMetrics:
         t = self.x_true[start:stop]
         self.x_mean[start:stop] = s.mean(axis=0)
         self.std_sum += float(s.std(axis=0).sum())
-        self.ade_sample_sum += float(_atom_distances(s, t).sum())
+        self.ade_sample_sum += float(atom_distances(s, t).sum())
         if self.true_hand is not None:
             drawn = self._handedness(s)
             self.hand_sum += float((drawn == self.true_hand[start:stop]).sum())
@@ -371,7 +377,7 @@ class CEIMetrics:
         """The metrics of every event seen; arguments as in `cei_metrics`."""
         x_mean, x_true, n_events = self.x_mean, self.x_true, self.n_events
         n_atoms = self.molecule.n_atoms
-        dist = _atom_distances(x_mean, x_true)  # (B, N)
+        dist = atom_distances(x_mean, x_true)  # (B, N)
         com_diff = remove_centre_of_mass(x_mean, self.masses) - remove_centre_of_mass(
             x_true, self.masses
         )

@@ -102,9 +102,9 @@ def mean_atom_distance(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         >>> mean_atom_distance(np.zeros((1, 9)), np.r_[3.0, 0, 0, 0, 0, 0, 0, 0, 0][None])
         array([1.])
     """
-    d = np.asarray(pred) - np.asarray(truth)
-    d = d.reshape(*d.shape[:-1], d.shape[-1] // 3, 3)
-    return np.sqrt((d * d).sum(-1)).mean(-1)
+    from flowrecon.systems.cei.metrics import atom_distances
+
+    return atom_distances(np.asarray(pred), np.asarray(truth)).mean(-1)
 
 
 def _column_hint(molecule: Molecule) -> Any:
