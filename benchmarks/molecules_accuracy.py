@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,8 @@ def evaluate_molecule(
     """Simulate, train and score one model on one molecule at one noise level."""
     system = make_system(molecule=name, momentum_noise=noise)
     m = load_molecule(name)
+    # Training budgets are wall-clock: the load of a shared machine is part of the result.
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     train = system.simulate(args.n_train, seed=args.seed, device=str(device))
     test = system.simulate(args.n_test, seed=args.seed + 1, device=str(device))
@@ -96,6 +99,8 @@ def evaluate_molecule(
         "simulate_s": simulate_s,
         "transform": system.transform,
         "hparams": model.hparams_,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
     }
 
 

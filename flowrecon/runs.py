@@ -403,7 +403,9 @@ def _load_fit_data(system: System, data, stage: Path, drop_invalid: bool, progre
         info = {
             "path": "data.parquet",
             "relpath": "data.parquet",
-            "builtin": {**dict(system.builtin), **dict(system.options)},
+            # The options say what was simulated; the built-in set's own values (its
+            # detector noise) win over an option left unset (None).
+            "builtin": {**dict(system.options), **dict(system.builtin)},
             "sha256": _file_digest(path),
             "rows": len(frame),
         }

@@ -222,7 +222,7 @@ def test_data_of_another_molecule_is_named(data, runs, tmp_path):
     assert "missing required columns" in out and "columns of molecule 'ocs'" in out
     out = _fails("evaluate", "--run", runs["co2"], "--data", data["chbrclf"], "--out",
                  tmp_path / "e")  # fmt: skip
-    assert "columns of molecule 'chbrclf'" in out and "expects 'co2'" in out
+    assert "columns of molecule 'chbrclf', not of 'co2'" in out
 
 
 def test_refinement_and_weights_refuse_other_molecules(runs, data, tmp_path):

@@ -19,14 +19,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from flowrecon.system import EvaluationContext, System
-from flowrecon.systems.cei.metrics import is_ocs, metric_info, metric_layout
+from flowrecon.systems.cei.metrics import atom_distances, is_ocs, metric_info, metric_layout
 from flowrecon.systems.cei.molecule import (
     Molecule,
     available_molecules,
@@ -102,12 +102,10 @@ def mean_atom_distance(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         >>> mean_atom_distance(np.zeros((1, 9)), np.r_[3.0, 0, 0, 0, 0, 0, 0, 0, 0][None])
         array([1.])
     """
-    from flowrecon.systems.cei.metrics import atom_distances
-
     return atom_distances(np.asarray(pred), np.asarray(truth)).mean(-1)
 
 
-def _column_hint(molecule: Molecule) -> Any:
+def _column_hint(molecule: Molecule) -> Callable[[list[str]], str]:
     """The hint for a file without the molecule's columns: whose columns it has."""
 
     def hint(found: list[str]) -> str:
@@ -119,8 +117,8 @@ def _column_hint(molecule: Molecule) -> Any:
         ]
         if fits:
             return (
-                f" (the file has the columns of molecule {fits[0]!r}, the run expects "
-                f"{molecule.name!r}: give --molecule {fits[0]}, or a file of {molecule.name})"
+                f" (the file has the columns of molecule {fits[0]!r}, not of {molecule.name!r}: "
+                f"give --molecule {fits[0]} or a file of {molecule.name})"
             )
         return f" (molecule {molecule.name!r} needs {', '.join(molecule.momentum_columns)})"
 
