@@ -51,15 +51,28 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def fit_for(name: str, x, y, *, minutes: float, batch_size: int, lr: float, device, seed: int):
+def fit_for(
+    name: str,
+    x,
+    y,
+    *,
+    minutes: float,
+    batch_size: int,
+    lr: float,
+    device,
+    seed: int,
+    transform: str | None = None,
+):
     """Make ``name`` and train it for at most ``minutes`` of wall-clock time.
 
     The same recipe in every benchmark: cosine learning-rate schedule over the budget, no
     early stopping (the budget ends training), the best validation state restored.
+    ``transform`` is the pair transform (a System's own, e.g. ``system.transform``).
     """
     import flowrecon as fr
 
-    model = fr.make(name, **SETTINGS.get(name, {}), device=str(device), seed=seed)
+    frame = {} if transform is None else {"transform": transform}
+    model = fr.make(name, **SETTINGS.get(name, {}), **frame, device=str(device), seed=seed)
     model.fit(
         x,
         y,

@@ -308,12 +308,57 @@ def _run_system_values(run_dir: Path, set_pairs, extra, command: str) -> dict[st
 
 
 class _Group(click.Group):
+    """The command group; a system's listings (`flowrecon.system.System.catalogues`, such
+    as CEI's ``molecules``) are commands of their own, found when a name is not a command."""
+
     def invoke(self, ctx: click.Context) -> Any:
         import threading
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate_as_interrupt)
         return super().invoke(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        catalogue = _catalogues().get(cmd_name)
+        return None if catalogue is None else _catalogue_command(cmd_name, *catalogue)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_catalogues()})
+
+
+def _catalogues() -> dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]]:
+    from flowrecon.system import available_catalogues
+
+    try:
+        return available_catalogues()
+    except Exception:  # help and the other commands must work even if a system is broken
+        return {}
+
+
+def _catalogue_command(name: str, system: str, rows: Callable) -> click.Command:
+    """A command that prints a system's listing as an aligned table."""
+    import inspect
+
+    title = (inspect.getdoc(rows) or f"{name} of system {system}").splitlines()[0]
+
+    @_friendly_errors
+    def callback() -> None:
+        table = rows()
+        if not table:
+            click.echo(f"no {name}")
+            return
+        keys = list(table[0])
+        cells = [[str(r.get(k, "")) for k in keys] for r in table]
+        widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+        # The last column (usually a description) is not padded.
+        click.echo("  ".join(k.ljust(w) for k, w in zip(keys, widths)).rstrip())
+        for c in cells:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+
+    return click.Command(name, callback=callback, help=f"{title} (system {system}).")
 
 
 def run() -> None:
@@ -390,6 +435,8 @@ def _describe(options: Mapping[str, Any]) -> str:
     """``name 2,2,2, other x``: options as a user would type them."""
 
     def text(v: Any) -> str:
+        if isinstance(v, Mapping):  # e.g. a description kept whole: show its name
+            return str(v.get("name", "{...}"))
         if isinstance(v, list | tuple):
             return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
         return f"{v:g}" if isinstance(v, float) else str(v)
@@ -832,7 +879,13 @@ def compare(
     """Train every named model on the same split and budget, evaluate all alike, tabulate."""
     from flowrecon.runs import compare_runs
 
-    spec, routed = _system_values(system_spec, set_pairs, ctx.args, ["system", "evaluate"])
+    # A system's own flags after the names (`compare nsf maf --molecule so2`) reach the
+    # names argument, which takes unknown options as values: they go to the system.
+    cut = next((i for i, name in enumerate(names) if name.startswith("-")), len(names))
+    names, extra = names[:cut], [*names[cut:], *ctx.args]
+    if not names:
+        raise click.UsageError("give the models to compare before the options")
+    spec, routed = _system_values(system_spec, set_pairs, extra, ["system", "evaluate"])
     training = {k: v for k, v in training_flags.items() if v is not None}
     compare_runs(
         list(names),

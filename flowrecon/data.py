@@ -24,7 +24,7 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +103,7 @@ def read_table(
     drop_invalid: bool = False,
     optional: Sequence[str] = (),
     max_abs: float | None = None,
+    hint: Callable[[list[str]], str] | None = None,
 ) -> tuple[pd.DataFrame, ReadReport]:
     """Read a CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) table.
 
@@ -120,6 +121,8 @@ def read_table(
         optional: Columns checked like ``required`` when present, ignored when absent.
         max_abs: Finite values beyond this magnitude are invalid too, e.g. `FLOAT32_MAX`
             for data a float32 network will see.
+        hint: ``hint(found_columns) -> text`` appended to the message about missing
+            columns (a system says, e.g., which of its variants the file's columns fit).
 
     Returns:
         The table and a :class:`ReadReport`.
@@ -150,7 +153,10 @@ def read_table(
     required = list(dict.fromkeys(required or ()))
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(_missing_message(source, missing, list(frame.columns)))
+        message = _missing_message(source, missing, list(frame.columns))
+        if hint is not None:
+            message += hint([str(c) for c in frame.columns])
+        raise DataError(message)
     checked = required + [c for c in dict.fromkeys(optional) if c in frame and c not in required]
     frame, dropped = _check_numeric(frame, checked, source, drop_invalid, max_abs)
     report = ReadReport(

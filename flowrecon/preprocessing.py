@@ -249,9 +249,16 @@ class PairTransform:
     Subclasses set ``name`` (the key in `PAIR_TRANSFORMS`) and override what they need.
     ``inverse_x`` must accept sample-first ``(n, B, Dx)`` with ``y`` of shape ``(B, Dy)``.
     ``log_abs_det_x`` is the forward map's log|det| per row (zero for rotations).
+    A transform that takes options is named ``"NAME:OPTIONS"`` and built by
+    ``from_options(OPTIONS)``; the whole spec is saved, so a loaded model rebuilds it.
     """
 
     name: ClassVar[str] = ""
+
+    @classmethod
+    def from_options(cls, text: str) -> PairTransform:
+        """The transform made from the text after ``NAME:`` in its spec."""
+        raise ValueError(f"transform {cls.name!r} takes no options, got {text!r}")
 
     def fit(self, x: Tensor, y: Tensor) -> PairTransform:
         return self
@@ -306,13 +313,15 @@ def available_transforms() -> dict[str, str]:
 
 
 def make_pair_transform(name: str) -> PairTransform:
-    """A fresh pair transform from its registered name."""
+    """A fresh pair transform from its registered name, or ``"NAME:OPTIONS"``."""
     known = available_transforms()
-    if name not in known:
+    base, sep, text = name.partition(":")
+    if base not in known:
         valid = ", ".join([*NO_TRANSFORM, *known])
-        raise ValueError(f"unknown transform {name!r}; choose one of: {valid}")
-    module, cls = known[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+        raise ValueError(f"unknown transform {base!r}; choose one of: {valid}")
+    module, cls = known[base].split(":")
+    made = getattr(importlib.import_module(module), cls)
+    return made.from_options(text) if sep else made()
 
 
 def resolve_transform(name: str | None) -> str | None:
@@ -331,8 +340,8 @@ def resolve_transform(name: str | None) -> str | None:
             "transform='auto' is gone: name the transform, e.g. 'cei-momentum-frame' for CEI "
             "(flowrecon.system.make_system('cei').transform), or 'none' for your own frame"
         )
-    if name not in available_transforms():
-        make_pair_transform(name)  # raises with the valid names
+    if name.partition(":")[0] not in available_transforms() or ":" in name:
+        make_pair_transform(name)  # raises with the valid names or bad options
     return name
 
 

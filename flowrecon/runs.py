@@ -176,14 +176,12 @@ def read_system_table(
     from flowrecon.data import FLOAT32_MAX, DataError, read_table
 
     x_cols, y_cols = list(system.x_columns), list(system.y_columns)
+    hint = system.column_hint
+    checks = {"drop_invalid": drop_invalid, "hint": hint, "max_abs": FLOAT32_MAX}
     if require_x:
-        frame, report = read_table(
-            path, x_cols + y_cols, drop_invalid=drop_invalid, max_abs=FLOAT32_MAX
-        )
+        frame, report = read_table(path, x_cols + y_cols, **checks)
     else:
-        frame, report = read_table(
-            path, y_cols, drop_invalid=drop_invalid, optional=x_cols, max_abs=FLOAT32_MAX
-        )
+        frame, report = read_table(path, y_cols, optional=x_cols, **checks)
         present = [c for c in x_cols if c in frame.columns]
         if 0 < len(present) < len(x_cols):
             absent = ", ".join(repr(c) for c in x_cols if c not in frame.columns)
@@ -419,7 +417,9 @@ def _load_fit_data(system: System, data, stage: Path, drop_invalid: bool, progre
         info = {
             "path": "data.parquet",
             "relpath": "data.parquet",
-            "builtin": {**dict(system.builtin), **dict(system.options)},
+            # The options say what was simulated; the built-in set's own values (its
+            # detector noise) win over an option left unset (None).
+            "builtin": {**dict(system.options), **dict(system.builtin)},
             "sha256": _file_digest(path),
             "rows": len(frame),
         }

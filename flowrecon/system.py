@@ -54,6 +54,7 @@ __all__ = [
     "MetricInfo",
     "System",
     "SystemFactory",
+    "available_catalogues",
     "available_systems",
     "coerce_options",
     "get_factory",
@@ -217,6 +218,12 @@ class System:
             ``{"calibrate": False}`` where a sampling temperature would change the physics
             the model must reproduce; recorded in ``config.json``.
         units: Unit of the system's own options, for help texts.
+        column_hint: ``column_hint(found_columns) -> text`` appended to the one-line
+            error about a data file that lacks the system's columns (CEI names the
+            molecule whose columns the file has); "" when it has nothing to add.
+        catalogues: Listings the system offers, name -> ``rows() -> list of dicts``
+            (CEI: ``molecules``); ``flowrecon NAME`` prints one as a table, its title the
+            first line of the callable's docstring.
     """
 
     name: str
@@ -244,6 +251,8 @@ class System:
     options: Mapping[str, Any] = field(default_factory=dict)
     cli_flags: Mapping[str, str] = field(default_factory=dict)
     fit_options: Mapping[str, Any] = field(default_factory=dict)
+    column_hint: Callable[[list[str]], str] | None = None
+    catalogues: Mapping[str, Callable[[], list[dict[str, Any]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.x_columns or not self.y_columns:
@@ -299,6 +308,27 @@ def available_systems() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def available_catalogues() -> dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]]:
+    """The listings the registered systems offer: name -> (system name, ``rows()``).
+
+    A system that cannot be made with its defaults offers none; the first system (by
+    name) to offer a listing keeps its name.
+
+    Example:
+        >>> available_catalogues()["molecules"][0]
+        'cei'
+    """
+    out: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {}
+    for name in sorted(_entry_points()):
+        try:
+            system = make_system(name)
+        except (ValueError, ImportError):
+            continue
+        for key, rows in system.catalogues.items():
+            out.setdefault(key, (name, rows))
+    return out
 
 
 def _load_file(path: Path, attr: str) -> SystemFactory:

@@ -1,4 +1,5 @@
-"""Coulomb explosion imaging: the CEI system (`make_system`) and its physics."""
+"""Coulomb explosion imaging of any molecule: the CEI system (`make_system`), molecules,
+simulators, frames, physics, data and refinement."""
 
 from flowrecon.systems.cei.system import make_system
 

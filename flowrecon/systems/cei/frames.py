@@ -18,6 +18,7 @@ import torch
 
 from flowrecon.systems.cei.physics import (
     Array,
+    _check_atoms,
     _check_flat,
     _from_torch,
     _to_torch,
@@ -113,7 +114,7 @@ def _check_rotation(R: Array) -> None:
 
 
 def to_frame(v: Array, R: Array) -> Array:
-    """Rotates each atom's 3-vector of flat ``(..., 9)`` vectors into the frame ``R``.
+    """Rotates each atom's 3-vector of flat ``(..., 3N)`` vectors into the frame ``R``.
 
     ``v`` and ``R`` broadcast over their leading shapes, so posterior samples ``v`` of
     shape ``(n, B, 9)`` work with per-event frames ``R`` of shape ``(B, 3, 3)``.
@@ -125,7 +126,7 @@ def to_frame(v: Array, R: Array) -> Array:
         array([2., 0., 0.])
     """
     (vt, rt), is_numpy = _to_torch(v, R)
-    _check_flat(vt, "v")
+    _check_atoms(vt, "v")
     _check_rotation(rt)
     # Row-vector form: (R @ v_i)^T = v_i^T @ R^T for every atom i at once.
     out = flatten_atoms(as_atoms(vt) @ rt.transpose(-1, -2))
@@ -133,9 +134,125 @@ def to_frame(v: Array, R: Array) -> Array:
 
 
 def from_frame(v: Array, R: Array) -> Array:
-    """Inverse of :func:`to_frame`: frame coordinates back to the lab, ``(..., 9)``."""
+    """Inverse of :func:`to_frame`: frame coordinates back to the lab, ``(..., 3N)``."""
     (vt, rt), is_numpy = _to_torch(v, R)
-    _check_flat(vt, "v")
+    _check_atoms(vt, "v")
     _check_rotation(rt)
     # R is orthogonal, so R^-1 = R^T and (R^T @ v_i)^T = v_i^T @ R.
     return _from_torch(flatten_atoms(as_atoms(vt) @ rt), is_numpy)
+
+
+def _negligible_norm(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(v, dim=-1) <= threshold
+
+
+def molecule_frame(p: Array, reference: tuple[int, int], tol: float | None = None) -> Array:
+    """Rotations into the momentum frame of N-atom events, shape ``(..., 3, 3)``.
+
+    The frame of :func:`momentum_frame` for any molecule: ``e1`` along the momentum of
+    reference atom ``a``, ``e2`` along the part of atom ``b``'s momentum orthogonal to
+    ``e1``, ``e3 = e1 x e2``; rows ``e1, e2, e3``, ``det R = +1``. It is rotation-
+    equivariant (``R(p Q^T) = R(p) Q^T``) and a smooth function of ``p`` wherever p_b is
+    not parallel to p_a. For OCS with ``reference = (2, 0)`` (S, C) it is
+    :func:`momentum_frame`.
+
+    Linear molecules (CO2, N2O) explode into nearly collinear momenta, where the
+    azimuth about ``e1`` is fixed only by small perpendicular parts: pick ``(a, b)`` so
+    that b's perpendicular part is large (:func:`choose_frame_atoms` picks the pair whose
+    momenta are least collinear over a data set; for CO2 the carbon, pushed sideways
+    by a bend, defines ``e2``). Degenerate events still get a deterministic, orthonormal
+    frame: if p_a is negligible, ``e1`` follows the largest momentum; if p_b has no
+    perpendicular part, ``e2`` follows the atom with the largest perpendicular part, and
+    if every momentum is collinear, the lab axis least aligned with ``e1``.
+
+    Args:
+        p: Momenta ``(..., 3N)``.
+        reference: Atom indices ``(a, b)``.
+        tol: A vector counts as negligible when its length is at most ``tol`` times the
+            largest momentum of its event; default the square root of machine epsilon.
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([0.0, 1, 0, -3, -1, 0, 3, 0, 0])
+        >>> bool(np.allclose(molecule_frame(p, (2, 0)), momentum_frame(p)))
+        True
+    """
+    (pt,), is_numpy = _to_torch(p)
+    _check_atoms(pt, "p")
+    pa = as_atoms(pt)
+    n_atoms = pa.shape[-2]
+    a, b = (int(i) for i in reference)
+    if a == b or not (0 <= a < n_atoms and 0 <= b < n_atoms):
+        raise ValueError(
+            f"reference must name two different atoms in 0..{n_atoms - 1}, got {reference}"
+        )
+    if tol is None:
+        tol = torch.finfo(pt.dtype).eps ** 0.5
+    # Scale-free, as in momentum_frame: R(p / s) = R(p) for every s > 0.
+    scale = pa.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    pa = pa / torch.where(scale > 0, scale, torch.ones_like(scale))
+    norms = torch.linalg.vector_norm(pa, dim=-1)  # (..., N)
+    threshold = tol * norms.amax(-1)
+    lab = torch.eye(3, dtype=pa.dtype, device=pa.device)
+
+    # e1: p_a, else the largest momentum, else the lab x axis.
+    largest = torch.gather(pa, -2, norms.argmax(-1)[..., None, None].expand(*pa.shape[:-2], 1, 3))
+    first = torch.where((norms[..., a] > threshold)[..., None], pa[..., a, :], largest[..., 0, :])
+    first = torch.where(_negligible_norm(first, threshold)[..., None], lab[0], first)
+    e1 = first / torch.linalg.vector_norm(first, dim=-1, keepdim=True)
+
+    # e2: the part of p_b orthogonal to e1, else the largest such part, else a lab axis.
+    perp = pa - (pa * e1[..., None, :]).sum(-1, keepdim=True) * e1[..., None, :]
+    perp_norms = torch.linalg.vector_norm(perp, dim=-1)
+    best = torch.gather(
+        perp, -2, perp_norms.argmax(-1)[..., None, None].expand(*pa.shape[:-2], 1, 3)
+    )[..., 0, :]
+    ok_b = perp_norms[..., b] > threshold
+    ok_best = perp_norms.amax(-1) > threshold
+    axis = lab[e1.detach().abs().argmin(dim=-1)]
+    b_lab = axis - (axis * e1).sum(-1, keepdim=True) * e1
+    second = torch.where(
+        ok_b[..., None], perp[..., b, :], torch.where(ok_best[..., None], best, b_lab)
+    )
+    # Every candidate is longer than the threshold (or the lab axis, >= sqrt(2/3)).
+    e2 = second / torch.linalg.vector_norm(second, dim=-1, keepdim=True)
+    # A second Gram-Schmidt pass keeps e2 orthogonal to machine precision.
+    e2 = e2 - (e2 * e1).sum(-1, keepdim=True) * e1
+    e2 = e2 / torch.linalg.vector_norm(e2, dim=-1, keepdim=True)
+    e3 = torch.linalg.cross(e1, e2, dim=-1)
+    return _from_torch(torch.stack([e1, e2, e3], dim=-2), is_numpy)
+
+
+def choose_frame_atoms(p: Array) -> tuple[int, int]:
+    """The reference atoms ``(a, b)`` whose momenta are least collinear over a data set.
+
+    Over events ``p`` ``(B, 3N)``, every ordered pair is scored by the median of
+    ``|sin|`` of the angle between p_a and p_b: the larger it is, the better p_b's
+    perpendicular part fixes ``e2`` against noise (a frame's angular error is about the
+    momentum resolution over that sine). ``a`` is the one of the best pair with the larger
+    median momentum. Ties go to the lower indices, so the choice is deterministic.
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([[0.0, 1, 0, -3, -0.2, 0, 3, -0.8, 0]] * 4)  # C sideways, O, S
+        >>> choose_frame_atoms(p)   # O (the larger momentum) and C
+        (1, 0)
+    """
+    (pt,), _ = _to_torch(p)
+    _check_atoms(pt, "p")
+    pa = as_atoms(pt.reshape(-1, pt.shape[-1]).detach()).double()
+    if pa.shape[0] == 0:
+        raise ValueError("choose_frame_atoms needs at least one event")
+    n_atoms = pa.shape[-2]
+    norms = torch.linalg.vector_norm(pa, dim=-1)
+    size = norms.median(0).values
+    best, best_score = (0, 1), -1.0
+    for i in range(n_atoms):
+        for j in range(i + 1, n_atoms):
+            cross = torch.linalg.vector_norm(torch.linalg.cross(pa[:, i], pa[:, j], dim=-1), dim=-1)
+            sine = cross / (norms[:, i] * norms[:, j]).clamp_min(torch.finfo(pa.dtype).tiny)
+            score = float(sine.median())
+            if score > best_score + 1e-12:
+                best_score = score
+                best = (i, j) if size[i] >= size[j] else (j, i)
+    return best

@@ -1,14 +1,19 @@
-"""Coulomb explosion imaging of OCS as a flowrecon `System`.
+"""Coulomb explosion imaging of any molecule as a flowrecon `System`.
 
 `make_system` describes CEI to the generic runs and command line: positions (bohr) from
-momenta (a.u.), the simulator, the built-in data set, the momentum frame, the atom-distance
-error, the CEI metrics, refinement and importance weights as evaluation options, the
-physics loss terms, and the CEI figures.
+momenta (a.u.) of a molecule (OCS by default, or a preset such as ``co2`` or
+``chbrclf``, or a TOML file: `flowrecon.systems.cei.molecule`), the simulator chosen by
+atom count, the canonical order of identical atoms, the built-in data set, the momentum
+frame, the atom-distance error, the CEI metrics, refinement and importance weights as
+evaluation options (OCS), the physics loss terms, the CEI figures, and the list of
+molecules (`flowrecon molecules`).
 
 Example:
     >>> system = make_system(charges=(2.0, 1.0, 1.0))
     >>> system.name, system.x_columns[:3], system.options["charges"]
     ('cei', ('cx', 'cy', 'cz'), [2.0, 1.0, 1.0])
+    >>> make_system(molecule="co2").x_columns[3:6]
+    ('o1x', 'o1y', 'o1z')
 """
 
 from __future__ import annotations
@@ -21,19 +26,19 @@ from typing import Any, Literal
 import numpy as np
 
 from flowrecon.system import EvaluationContext, System
-from flowrecon.systems.cei.constants import (
-    ATOMS,
-    DEFAULT_CHARGES,
-    MASSES,
-    MOMENTUM_COLUMNS,
-    POSITION_COLUMNS,
+from flowrecon.systems.cei.metrics import atom_distances, is_ocs, metric_info, metric_layout
+from flowrecon.systems.cei.molecule import (
+    Molecule,
+    available_molecules,
+    load_molecule,
+    preset_names,
 )
-from flowrecon.systems.cei.metrics import METRIC_INFO
 
-__all__ = ["BUILTIN_DATASET", "CEIEvaluator", "make_system"]
+__all__ = ["BUILTIN_DATASET", "CEIEvaluator", "make_system", "molecule_of"]
 
-#: The built-in data set ``flowrecon fit`` simulates when no ``--data`` is given:
-#: OCS near equilibrium, random orientation, the run's channel, 1 % detector resolution.
+#: The built-in data set ``flowrecon fit`` simulates when no ``--data`` is given: the
+#: molecule near equilibrium, random orientation, the run's channel, 1 % detector
+#: resolution.
 BUILTIN_DATASET: dict[str, Any] = {"n": 100_000, "seed": 2026, "momentum_noise": 0.01}
 
 #: Highest charge accepted for an ion: no element has more protons than 118.
@@ -52,56 +57,136 @@ REFINED_KEYS = (
 )
 
 Prior = Literal["ocs", "flat", "learned"]
+Geometry = Literal["molecule", "ocs", "ball"]
 
 
-def _check_charges(charges: Sequence[float]) -> tuple[float, float, float]:
+def _check_charges(charges: Sequence[float], molecule: Molecule) -> tuple[float, ...]:
     values = tuple(float(q) for q in charges)
-    if len(values) != len(ATOMS):
+    n = molecule.n_atoms
+    if len(values) != n:
+        atoms = ",".join(a.label.upper() if is_ocs(molecule) else a.label for a in molecule.atoms)
+        example = ",".join(f"{q:g}" for q in molecule.charges)
         raise ValueError(
-            f"charges must be {len(ATOMS)} numbers for C,O,S such as 2,2,2; got {len(values)}"
+            f"charges must be {n} numbers for {atoms} such as {example}; got {len(values)}"
         )
     if not all(math.isfinite(q) and 0 < q <= MAX_CHARGE for q in values):
         raise ValueError(
             f"charges must be positive and at most {MAX_CHARGE:g}; got "
             + ",".join(f"{q:g}" for q in values)
         )
-    return values  # type: ignore[return-value]
+    return values
+
+
+def molecule_of(spec: str | Mapping[str, Any] | Molecule) -> tuple[Molecule, Any]:
+    """The molecule of a ``molecule`` option and how ``config.json`` keeps it.
+
+    A preset is kept by name; a TOML file (or a dict) by its whole content, so that a run
+    does not depend on the file staying where it was.
+
+    Example:
+        >>> molecule_of("co2")[1]
+        'co2'
+    """
+    if isinstance(spec, str) and not spec.strip():
+        raise ValueError(f"molecule must be a preset ({', '.join(preset_names())}) or FILE.toml")
+    molecule = load_molecule(spec.strip() if isinstance(spec, str) else spec)
+    if isinstance(spec, str) and spec.strip() in preset_names():
+        return molecule, spec.strip()
+    return molecule, molecule.to_dict()
 
 
 def mean_atom_distance(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Mean over the three atoms of the distance between predicted and true positions.
+    """Mean over the atoms of the distance between predicted and true positions.
 
     Example:
         >>> mean_atom_distance(np.zeros((1, 9)), np.r_[3.0, 0, 0, 0, 0, 0, 0, 0, 0][None])
         array([1.])
     """
-    d = (np.asarray(pred) - np.asarray(truth)).reshape(*np.shape(pred)[:-1], 3, 3)
-    return np.sqrt((d * d).sum(-1)).mean(-1)
+    return atom_distances(np.asarray(pred), np.asarray(truth)).mean(-1)
+
+
+def _column_hint(molecule: Molecule) -> Callable[[list[str]], str]:
+    """The hint for a file without the molecule's columns: whose columns it has."""
+
+    def hint(found: list[str]) -> str:
+        have = set(found)
+        fits = [
+            name
+            for name in preset_names()
+            if name != molecule.name and set(load_molecule(name).momentum_columns) <= have
+        ]
+        if fits:
+            return (
+                f" (the file has the columns of molecule {fits[0]!r}, not of {molecule.name!r}: "
+                f"give --molecule {fits[0]} or a file of {molecule.name})"
+            )
+        return f" (molecule {molecule.name!r} needs {', '.join(molecule.momentum_columns)})"
+
+    return hint
+
+
+def _transform(molecule: Molecule, frame: str) -> str | None:
+    if frame == "lab":
+        return None
+    if is_ocs(molecule):
+        return "cei-momentum-frame"
+    if molecule.frame is None:
+        return "cei-molecule-frame"  # reference atoms chosen from the training momenta
+    return "cei-molecule-frame:{},{}".format(*molecule.frame)
 
 
 def make_system(
     *,
-    charges: tuple[float, ...] = DEFAULT_CHARGES,
-    geometry: Literal["ocs", "ball"] = "ocs",
+    molecule: str | dict[str, Any] = "ocs",
+    charges: tuple[float, ...] | None = None,
+    geometry: Geometry = "molecule",
     momentum_noise: float | None = None,
+    temperature: float = 0.0,
+    accuracy: Literal["high", "fast"] = "high",
     frame: Literal["momentum", "lab"] = "momentum",
 ) -> System:
-    """Coulomb explosion imaging of OCS: initial positions (bohr) from final momenta (a.u.).
+    """Coulomb explosion imaging: initial positions (bohr) from final momenta (a.u.).
 
     Args:
-        charges: Ion charges of C, O, S: the explosion channel (e.g. 2,1,1).
-        geometry: Geometries simulated: ``ocs`` (near-linear OCS with vibrational
-            spread) or ``ball`` (atoms anywhere in a 4 bohr ball).
+        molecule: A preset (``flowrecon molecules``: ocs, co2, n2o, so2, d2o, ch2i2,
+            chbrclf) or a molecule TOML file; its atoms name the columns
+            (``{label}x ...``, ``p{label}x ...``).
+        charges: Ion charges, one per atom: the explosion channel (e.g. 2,1,1); default
+            the molecule's.
+        geometry: Geometries simulated: ``molecule`` (its reference geometry with its
+            vibrational spread; ``ocs`` is the old name of that for OCS) or ``ball``
+            (OCS only: the three atoms anywhere in a 4 bohr ball).
         momentum_noise: Relative detector momentum resolution of simulated data (0.01 =
             1 %); default 0 for ``simulate`` and 0.01 for the built-in data set.
+        temperature: Initial thermal momenta of simulated ions, kelvin (0: from rest);
+            an effective temperature can stand in for zero-point motion.
+        accuracy: Simulator accuracy, ``high`` (~1e-8) or ``fast`` (float32, ~1e-5).
         frame: ``momentum``: models work in the frame built from the momenta (removes the
             nuisance rotation); ``lab``: in the user's own frame.
     """
-    charges = _check_charges(charges)
+    mol, kept = molecule_of(molecule)
+    charges_ = _check_charges(mol.charges if charges is None else charges, mol)
+    mol = mol.with_charges(charges_)
+    ocs = is_ocs(mol)
     if momentum_noise is not None and not (math.isfinite(momentum_noise) and momentum_noise >= 0):
         raise ValueError(f"momentum_noise must be >= 0, got {momentum_noise}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be >= 0 kelvin, got {temperature}")
     if frame not in ("momentum", "lab"):
         raise ValueError(f"frame must be 'momentum' or 'lab', got {frame!r}")
+    if accuracy not in ("high", "fast"):
+        raise ValueError(f"accuracy must be 'high' or 'fast', got {accuracy!r}")
+    if geometry not in ("molecule", "ocs", "ball"):
+        raise ValueError(f"geometry must be 'molecule' or 'ball', got {geometry!r}")
+    if geometry != "molecule" and not ocs:
+        raise ValueError(
+            f"geometry {geometry!r} is for OCS only; molecule {mol.name!r} takes "
+            "geometry=molecule (its own vibrational spread)"
+        )
+    # OCS from rest at high accuracy keeps the simulator it always had, bit for bit.
+    legacy = ocs and temperature == 0 and accuracy == "high"
+    if geometry == "ball" and not legacy:
+        raise ValueError("geometry 'ball' simulates from rest at high accuracy only")
 
     def simulate(
         n: int,
@@ -111,19 +196,33 @@ def make_system(
         device: str = "auto",
         momentum_noise: float | None = momentum_noise,
     ) -> Any:
-        from flowrecon.systems.cei.data import events_to_frame
-        from flowrecon.systems.cei.geometry import simulate_events
+        from flowrecon.systems.cei.geometry import simulate_events, simulate_molecule_events
 
-        ev = simulate_events(
+        noise = 0.0 if momentum_noise is None else momentum_noise
+        if legacy:
+            from flowrecon.systems.cei.data import events_to_frame
+
+            ev = simulate_events(
+                n,
+                seed=seed,
+                geometry="ball" if geometry == "ball" else "ocs",
+                charges=charges_,
+                momentum_noise=noise,
+                device=device,
+                progress=progress,
+            )
+            return events_to_frame(ev.positions, ev.momenta)
+        events = simulate_molecule_events(
+            mol,
             n,
             seed=seed,
-            geometry=geometry,
-            charges=charges,
-            momentum_noise=0.0 if momentum_noise is None else momentum_noise,
+            momentum_noise=noise,
             device=device,
+            accuracy=accuracy,
+            temperature=temperature,
             progress=progress,
         )
-        return events_to_frame(ev.positions, ev.momenta)
+        return events.to_frame()
 
     builtin = dict(BUILTIN_DATASET)
     if momentum_noise is not None:
@@ -138,7 +237,9 @@ def make_system(
         noise: float | None = None,
         prior: Prior | None = None,
     ) -> CEIEvaluator:
-        return CEIEvaluator(context, charges, refine, refine_samples, weights, noise, prior)
+        return CEIEvaluator(
+            context, charges_, refine, refine_samples, weights, noise, prior, molecule=mol
+        )
 
     def sampler(
         context: EvaluationContext,
@@ -147,52 +248,77 @@ def make_system(
         refine: bool = False,
         noise: float | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        samples, extra = _refined_samples(samples, context.y, charges) if refine else (samples, {})
-        return samples, {**extra, **_energy_columns(samples, context, charges, noise)}
+        extra: dict[str, np.ndarray] = {}
+        if refine:
+            _ocs_only(mol, "refinement (refine)")
+            samples, extra = _refined_samples(samples, context.y, charges_)
+        return samples, {**extra, **_energy_columns(samples, context, mol, charges_, noise)}
 
     def physics_loss() -> Any:
         from flowrecon.systems.cei.losses import physics_loss as cei_physics_loss
 
-        return cei_physics_loss(charges, MASSES)
+        return cei_physics_loss(charges_, mol.masses)
 
+    def prepare(table: Any) -> Any:
+        from flowrecon.systems.cei.canonical import canonical_order_table
+
+        return canonical_order_table(table, mol)
+
+    def molecules() -> list[dict[str, Any]]:
+        """Built-in molecules of CEI (--molecule NAME, or your own FILE.toml)"""
+        return available_molecules()
+
+    layout = metric_layout(mol)
+    if ocs:
+        summary = ("ade_sample", "rmsd_com", "bond_error_co", "bond_error_cs", "angle_error_deg")
+    else:
+        summary = (
+            "ade_sample",
+            "rmsd_com",
+            *(("bond_error",) if mol.bonds else ()),
+            *(("angle_error_deg",) if mol.angles else ()),
+            *(("handedness_right",) if layout.chiral else ()),
+        )
+    name = "OCS" if ocs else f"{mol.name} ({mol.formula})"
     return System(
         name="cei",
-        description="Coulomb explosion imaging of OCS",
-        x_columns=POSITION_COLUMNS,
-        y_columns=MOMENTUM_COLUMNS,
+        description=f"Coulomb explosion imaging of {name}",
+        x_columns=mol.position_columns,
+        y_columns=mol.momentum_columns,
         x_unit="bohr",
         y_unit="a.u.",
         simulate=simulate,
         builtin=builtin,
-        transform="cei-momentum-frame" if frame == "momentum" else None,
+        transform=_transform(mol, frame),
+        # Identical atoms are relabelled by measured momentum in every table read.
+        prepare=prepare if mol.identical_groups() else None,
         error_name="ade",
         event_error=mean_atom_distance,
         failure_threshold=0.1,
-        metric_info=METRIC_INFO,
-        summary_metrics=(
-            "ade_sample",
-            "rmsd_com",
-            "bond_error_co",
-            "bond_error_cs",
-            "angle_error_deg",
-            "energy_diff",
-            "resim_residual",
-        ),
+        metric_info=metric_info(mol),
+        summary_metrics=(*summary, "energy_diff", "resim_residual"),
         evaluator=evaluator,
         sampler=sampler,
         physics_terms=("energy_diff2", "rel_err2"),
         physics_loss=physics_loss,
-        prior_features=_internal_coordinates,
+        # The learned prior's internal coordinates are those of a triatomic C, O, S order.
+        prior_features=_internal_coordinates if is_ocs(mol) else None,
         options={
-            "charges": list(charges),
+            "molecule": kept,
+            "charges": list(charges_),
             "geometry": geometry,
             "momentum_noise": momentum_noise,
+            "temperature": temperature,
+            "accuracy": accuracy,
             "frame": frame,
         },
         cli_flags={
+            "--molecule": "molecule",
             "--charges": "charges",
             "--geometry": "geometry",
             "--momentum-noise": "momentum_noise",
+            "--temperature": "temperature",
+            "--accuracy": "accuracy",
             "--frame": "frame",
             "--refine": "refine",
             "--refine-samples": "refine_samples",
@@ -200,6 +326,8 @@ def make_system(
             "--noise": "noise",
             "--prior": "prior",
         },
+        column_hint=_column_hint(mol),
+        catalogues={"molecules": molecules},
     )
 
 
@@ -208,13 +336,19 @@ def _noise(builtin: Mapping[str, Any] | None) -> float | None:
 
 
 def _energy_columns(
-    samples: np.ndarray, context: EvaluationContext, charges: Sequence[float], noise: float | None
+    samples: np.ndarray,
+    context: EvaluationContext,
+    molecule: Molecule,
+    charges: Sequence[float],
+    noise: float | None,
 ) -> dict[str, np.ndarray]:
     """``energy_mismatch`` |KE - PE| / KE of each draw and ``energy_flag`` (far beyond noise)."""
     from flowrecon.systems.cei.physics import energy_difference, energy_flag_threshold
 
     noise = noise if noise is not None else _noise(_builtin_spec(context.config))
-    mismatch = np.asarray(energy_difference(samples, context.y, tuple(charges)))
+    mismatch = np.asarray(
+        energy_difference(samples, context.y, tuple(charges), tuple(molecule.masses))
+    )
     return {"energy_mismatch": mismatch, "energy_flag": mismatch > energy_flag_threshold(noise)}
 
 
@@ -222,6 +356,15 @@ def _internal_coordinates(x: Any) -> tuple[np.ndarray, np.ndarray]:
     from flowrecon.systems.cei.prior import internal_coordinates
 
     return internal_coordinates(x)
+
+
+def _ocs_only(molecule: Molecule, what: str) -> None:
+    """Refuses, in one line, what only OCS has so far."""
+    if not is_ocs(molecule):
+        raise ValueError(
+            f"{what} is implemented for OCS only so far, not for molecule {molecule.name!r} "
+            f"({molecule.n_atoms} atoms); evaluate without it"
+        )
 
 
 def _builtin_spec(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -248,6 +391,7 @@ class CEIEvaluator:
             ``flat``; default ``ocs`` for runs on the built-in OCS data, else ``learned``
             (``flat`` for a run without a learned prior). Refinement uses it to choose
             among several exact solutions, and the weights weigh by it.
+        molecule: The molecule (default OCS). Refinement and weights are OCS-only so far.
     """
 
     def __init__(
@@ -259,12 +403,24 @@ class CEIEvaluator:
         weights: bool,
         noise: float | None,
         prior: Prior | None,
+        *,
+        molecule: Molecule | None = None,
     ) -> None:
         from flowrecon.systems.cei.metrics import CEIMetrics
         from flowrecon.systems.cei.physics import energy_flag_threshold
 
+        self.molecule = molecule = load_molecule("ocs") if molecule is None else molecule
         builtin = _builtin_spec(context.config)
-        self.prior, self.log_prior = _resolve_prior(prior, builtin, context.log_prior)
+        on_ocs_data = builtin is not None and builtin.get("geometry") in ("ocs", "molecule")
+        self.prior, self.log_prior = _resolve_prior(
+            prior, on_ocs_data and is_ocs(molecule), context.log_prior
+        )
+        if refine:
+            _ocs_only(molecule, "refinement (refine)")
+        if weights:
+            _ocs_only(molecule, "importance weights (weights)")
+        if prior == "ocs":
+            _ocs_only(molecule, "the OCS prior (prior=ocs)")
         if refine_samples < 1:
             raise ValueError(f"refine_samples must be at least 1, got {refine_samples}")
         if weights:
@@ -277,11 +433,13 @@ class CEIEvaluator:
                 raise ValueError("weights need the data's momentum noise: give --noise SIGMA (> 0)")
         self.context, self.charges = context, tuple(charges)
         self.refine, self.weights, self.noise = refine, weights, noise
-        n = len(context.x)
+        n, width = len(context.x), 3 * molecule.n_atoms
         self.k_refine = min(refine_samples, context.samples) if refine else 0
-        self.refine_starts = np.empty((self.k_refine, n, 9))
-        self.weighted = {"hits50": 0.0, "hits90": 0.0, "ess": [], "mean": np.empty((n, 9))}
-        self.metrics = CEIMetrics(context.x, context.y, charges=self.charges, coverage=False)
+        self.refine_starts = np.empty((self.k_refine, n, width))
+        self.weighted = {"hits50": 0.0, "hits90": 0.0, "ess": [], "mean": np.empty((n, width))}
+        self.metrics = CEIMetrics(
+            context.x, context.y, charges=self.charges, coverage=False, molecule=molecule
+        )
         self.post_mean: np.ndarray | None = None
         self.energy_threshold = energy_flag_threshold(
             noise if noise is not None else _noise(builtin)
@@ -292,7 +450,8 @@ class CEIEvaluator:
         from flowrecon.systems.cei.physics import energy_difference
 
         self.metrics.update(start, stop, samples)
-        mismatch = energy_difference(samples, self.context.y[start:stop], self.charges)
+        p_obs, masses = self.context.y[start:stop], tuple(self.molecule.masses)
+        mismatch = energy_difference(samples, p_obs, self.charges, masses)
         self.energy_flagged[start:stop] = (mismatch > self.energy_threshold).mean(0)
         self.refine_starts[:, start:stop] = samples[: self.k_refine]
         if self.weights:
@@ -351,20 +510,38 @@ class CEIEvaluator:
     def figures(
         self, out: Path, shown: Sequence[int], examples: np.ndarray | None
     ) -> dict[str, tuple[Path, str]]:
-        from flowrecon.systems.cei.figures import energy_difference_histogram, posterior_in_plane
+        from flowrecon.systems.cei.figures import (
+            energy_difference_histogram,
+            posterior_in_plane,
+            posterior_per_atom,
+        )
         from flowrecon.systems.cei.physics import energy_difference
 
-        ctx = self.context
+        ctx, molecule = self.context, self.molecule
         assert self.post_mean is not None, "finish() comes before figures()"
         label = str(ctx.config.get("model", "model"))
-        ediff = energy_difference(self.post_mean, ctx.y, self.charges)
+        ediff = energy_difference(self.post_mean, ctx.y, self.charges, molecule.masses)
         figures = {
             "energy_difference": (
                 energy_difference_histogram(ediff, out / "energy_difference.png", label=label),
                 "|KE(observed momenta) - PE(predicted positions)| / KE",
             )
         }
-        if examples is not None and len(shown):
+        if examples is not None and len(shown) and not is_ocs(molecule):
+            path = posterior_per_atom(
+                examples,
+                ctx.x[list(shown)],
+                ctx.y[list(shown)],
+                out / "posterior_per_atom.png",
+                list(range(len(shown))),
+                molecule,
+                labels=[int(ctx.rows[i]) for i in shown] if ctx.rows is not None else None,
+            )
+            figures["posterior_per_atom"] = (
+                path,
+                "Posterior samples of random events per atom, around the truth (momentum frame)",
+            )
+        elif examples is not None and len(shown):
             path = posterior_in_plane(
                 examples,
                 ctx.x[list(shown)],
@@ -382,7 +559,7 @@ class CEIEvaluator:
     def table(self, metrics: Mapping[str, Any]) -> str:
         from flowrecon.systems.cei.metrics import format_metrics_table
 
-        text = format_metrics_table(metrics)
+        text = format_metrics_table(metrics, self.molecule)
         if self.refine:
             text += "\n" + _format_refined(metrics)
         if self.weights:
@@ -400,7 +577,9 @@ class CEIEvaluator:
 
         ctx = self.context
         labels = [int(ctx.rows[i]) for i in shown] if ctx.rows is not None else list(shown)
-        return example_events_table(examples, ctx.x[list(shown)], range(len(shown)), labels=labels)
+        return example_events_table(
+            examples, ctx.x[list(shown)], range(len(shown)), labels=labels, molecule=self.molecule
+        )
 
 
 _BANK: dict[str, Any] = {"key": None, "bank": None}
@@ -420,7 +599,7 @@ def _start_bank(context: EvaluationContext) -> Any:
 
 
 def _resolve_prior(
-    prior: str | None, builtin: Mapping[str, Any] | None, learned: Callable | None
+    prior: str | None, on_ocs_data: bool, learned: Callable | None
 ) -> tuple[str, Callable[[np.ndarray], np.ndarray] | None]:
     """The prior's name and log-density over positions (None for ``flat``).
 
@@ -430,7 +609,7 @@ def _resolve_prior(
     from flowrecon.systems.cei.likelihood import ocs_log_prior
 
     if prior is None:
-        if builtin and builtin.get("geometry") == "ocs":
+        if on_ocs_data:
             prior = "ocs"
         else:
             prior = "learned" if learned is not None else "flat"
