@@ -150,7 +150,8 @@ def test_sample_reads_the_molecule_from_the_run(runs, data, tmp_path):
     _ok("sample", "--run", runs["co2"], "--data", tmp_path / "p.csv", "--n", 3, "--out", out,
         "--quiet")  # fmt: skip
     table = pd.read_csv(out)
-    assert list(table.columns) == ["event", "sample", *load_molecule("co2").position_columns]
+    positions, extra = load_molecule("co2").position_columns, ["energy_mismatch", "energy_flag"]
+    assert list(table.columns) == ["event", "sample", *positions, *extra, "in_domain", "unresolved"]
     assert len(table) == 15
 
 
