@@ -203,8 +203,9 @@ def test_zuko_flow_end_to_end_with_the_evaluator(small_table, tmp_path):
     figures = ev.figures(tmp_path, [0], None)
     assert set(figures) == {"lj_energy", "lj_density", "lj_pairs", "lj_snapshots"}
     assert all(p.is_file() and p.stat().st_size > 1000 for p, _ in figures.values())
-    text = ev.table(metrics)
-    assert text.count("\n") == 3 and "U/N MC" in text
+    table_text, _, rest = ev.table(metrics).partition("\n\n")
+    assert table_text.count("\n") == 3 and "U/N MC" in table_text  # header, rule, 2 rows
+    assert rest.startswith("anomaly AUC")  # a flow's density judges perturbed configurations
     errors = system.event_error(model.sample(yt, n=8, seed=1).mean(0), xt)
     assert errors.shape == (len(xt),) and np.isfinite(errors).all()
     # Generator + short Monte Carlo: relaxed draws, no reweighting (their density is unknown).
