@@ -919,7 +919,8 @@ def _evaluate(
     if bar is not None:
         bar.close()
     calibration = hits / n_events
-    metrics = _generic_metrics(system, model, x, y, post_mean, calibration, samples)
+    err = system.event_error(post_mean, x)  # per event: summarised, and listed in events.csv
+    metrics = _generic_metrics(system, model, x, y, err, calibration, samples)
     metrics.update(diagnostics.metrics(samples))
     if evaluator is not None:
         metrics.update(evaluator.finish(post_mean))
@@ -927,7 +928,7 @@ def _evaluate(
     metrics = _ordered(metrics, system)
     example_draws = np.stack([kept[int(i)] for i in shown], 1) if len(shown) else None
     text, examples_text = _texts(system, evaluator, metrics, example_draws, shown, context)
-    events = diagnostics.table(table.rows, system.error_name, system.event_error(post_mean, x))
+    events = diagnostics.table(table.rows, system.error_name, err)
     for name, values in getattr(evaluator, "event_columns", dict)().items():
         events[name] = values
     return EvaluationResult(
@@ -1008,14 +1009,14 @@ def _generic_metrics(
     model: Any,
     x: np.ndarray,
     y: np.ndarray,
-    post_mean: np.ndarray,
+    err: np.ndarray,
     calibration: np.ndarray,
     samples: int,
 ) -> dict[str, Any]:
-    """What every system's evaluation reports: event errors, coverage, NLL."""
+    """What every system's evaluation reports: summaries of the per-event errors ``err``,
+    coverage, NLL."""
     from flowrecon.evaluation.metrics import nll, robust_summary
 
-    err = system.event_error(post_mean, x)
     name = system.error_name
     summary = robust_summary(err, system.failure_threshold)
     metrics: dict[str, Any] = {"n": len(y), "n_samples": samples}
