@@ -226,9 +226,25 @@ def test_data_of_another_molecule_is_named(data, runs, tmp_path):
     assert "columns of molecule 'chbrclf', not of 'co2'" in out
 
 
-def test_refinement_and_weights_refuse_other_molecules(runs, data, tmp_path):
-    out = _fails("evaluate", "--run", runs["co2"], "--refine", "--out", tmp_path / "e")
-    assert "refinement (refine) is implemented for OCS only" in out
-    out = _fails("evaluate", "--run", runs["co2"], "--weights", "--noise", "0.01",
+def test_refinement_weights_and_learned_prior_for_a_five_atom_molecule(runs, tmp_path):
+    config = json.loads((runs["chbrclf"] / "config.json").read_text())
+    assert config["prior"]["features"] == 9  # 3N - 6 Z-matrix coordinates
+    out = tmp_path / "e"
+    text = _ok("evaluate", "--run", runs["chbrclf"], "--samples", 4, "--refine",
+               "--refine-samples", 2, "--weights", "--noise", "0.01", "--out", out,
+               "--device", "cpu")  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Noise-free events: the training events as starts find exact solutions even for a
+    # two-epoch model, and the refined prediction is far closer than the raw one.
+    assert metrics["refine_events_with_solution"] >= 0.9
+    assert metrics["refined_ade"] < 0.1 * metrics["ade"]
+    assert metrics["refined_handedness_right"] >= 0.9
+    assert metrics["weights_prior"] == "learned"
+    assert 0 < metrics["weights_ess_median"] <= 4
+    assert "Refined through the simulator" in text and "handedness_right" in text
+
+
+def test_the_ocs_prior_refuses_other_molecules(runs, tmp_path):
+    out = _fails("evaluate", "--run", runs["co2"], "--refine", "--prior", "ocs",
                  "--out", tmp_path / "e")  # fmt: skip
-    assert "importance weights (weights) is implemented for OCS only" in out
+    assert "the OCS prior (prior=ocs) is implemented for OCS only" in out

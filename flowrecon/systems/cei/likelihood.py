@@ -1,12 +1,13 @@
-"""Likelihood of observed momenta and the prior of simulated OCS geometries.
+"""Likelihood of observed momenta (any molecule) and the prior of simulated OCS geometries.
 
 Together with a model's ``log_prob`` they give importance weights for posterior samples
 (`posterior_weights`): w ∝ L(p_obs | x) p(x) / q(x | p_obs), which keep the posterior
 calibrated where the model is not.
 
-Densities are over the six relative coordinates r_CO = x_O - x_C and r_CS = x_S - x_C
-(the centre of mass is not observable); the model's density differs from that by a
-constant Jacobian, which cancels when the weights are normalised.
+Densities are over the 3N - 3 relative coordinates x_i - x_0 (for OCS the six
+r_CO = x_O - x_C and r_CS = x_S - x_C; the centre of mass is not observable); the
+model's density differs from that by a constant Jacobian, which cancels when the
+weights are normalised.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from flowrecon.evaluation.weights import ImportanceWeights, importance_weights
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES, R_CO_EQ, R_CS_EQ
-from flowrecon.systems.cei.simulator import asymptotic_momenta
+from flowrecon.systems.cei.explosion import final_momenta
 
 __all__ = ["momentum_log_likelihood", "ocs_log_prior", "posterior_weights"]
 
@@ -39,12 +40,12 @@ def momentum_log_likelihood(
     of standard deviation ``noise * |p_i|``.
 
     Args:
-        positions: geometries (..., B, 9), bohr (e.g. K posterior samples (K, B, 9)).
-        momenta: observed momenta (B, 9), a.u.
+        positions: geometries (..., B, 3N), bohr (e.g. K posterior samples (K, B, 3N)).
+        momenta: observed momenta (B, 3N), a.u.
         noise: relative momentum resolution sigma (0.01 = 1 %), > 0.
-        charges: ion charges (C, O, S).
-        masses: ion masses.
-        compile: see `asymptotic_momenta`.
+        charges: ion charges, one per atom (default OCS: C, O, S).
+        masses: ion masses, one per atom.
+        compile: see `flowrecon.systems.cei.explosion.final_momenta`.
 
     Returns:
         Log-likelihoods of shape ``positions.shape[:-1]``.
@@ -53,11 +54,17 @@ def momentum_log_likelihood(
         raise ValueError(f"the likelihood needs a momentum noise > 0, got {noise}")
     x = torch.as_tensor(np.asarray(positions, dtype=float))
     p_obs = torch.as_tensor(np.asarray(momenta, dtype=float))
-    p_sim = asymptotic_momenta(
-        x.reshape(-1, 9), charges=charges, masses=masses, compile=compile
-    ).reshape(x.shape)
-    sim = p_sim.reshape(*x.shape[:-1], 3, 3)
-    obs = p_obs.reshape(*p_obs.shape[:-1], 3, 3)
+    n_atoms = len(masses)
+    if x.shape[-1] != 3 * n_atoms or p_obs.shape[-1] != 3 * n_atoms:
+        raise ValueError(
+            f"positions and momenta need {3 * n_atoms} columns for {n_atoms} atoms; got "
+            f"{x.shape[-1]} and {p_obs.shape[-1]}"
+        )
+    p_sim = final_momenta(x.reshape(-1, 3 * n_atoms), masses, charges, compile=compile).reshape(
+        x.shape
+    )
+    sim = p_sim.reshape(*x.shape[:-1], n_atoms, 3)
+    obs = p_obs.reshape(*p_obs.shape[:-1], n_atoms, 3)
     var = (noise * sim.norm(dim=-1)) ** 2  # (..., B, 3)
     sq = (obs - sim).pow(2).sum(-1)
     log_l = -0.5 * (3 * torch.log(2 * math.pi * var) + sq / var)
@@ -120,16 +127,16 @@ def posterior_weights(
     """Importance weights of posterior samples under the noise model and a prior.
 
     Args:
-        samples: (K, B, 9) posterior samples, bohr.
-        momenta: (B, 9) observed momenta.
+        samples: (K, B, 3N) posterior samples, bohr.
+        momenta: (B, 3N) observed momenta.
         log_q: (K, B) the model's log density of each sample given its event's momenta.
         noise: relative momentum resolution of the detector.
         prior: ``"ocs"`` (the simulated OCS geometry distribution, `ocs_log_prior`),
             ``"flat"`` (constant in the relative coordinates), or a callable taking
-            positions ``(..., 9)`` to log-densities over the relative coordinates (e.g.
+            positions ``(..., 3N)`` to log-densities over the relative coordinates (e.g.
             `flowrecon.systems.cei.prior.learned_log_prior`).
         charges, masses: the explosion channel.
-        compile: see `asymptotic_momenta`.
+        compile: see `flowrecon.systems.cei.explosion.final_momenta`.
     """
     if not callable(prior) and prior not in ("ocs", "flat"):
         raise ValueError(f"unknown prior {prior!r}; choose 'ocs', 'flat' or a callable")

@@ -1,4 +1,4 @@
-"""A learned prior over triatomic geometries, comparable with `ocs_log_prior`.
+"""A learned prior over molecular geometries, comparable with `ocs_log_prior`.
 
 The prior of a CEI data set is what its training geometries say: `fit_learned_prior`
 fits a `flowrecon.density.Density` to rotation-invariant internal coordinates of the
@@ -15,6 +15,18 @@ and db = b dl:
 
     log p(r_CO, r_CS) = log p_features(r1, r2, l) - log b - log(8 pi^2 r1^2 r2^2 sin b)
 
+Any molecule (`molecule_features`): the internal coordinates of its Z-matrix, row by row,
+which place each atom by spherical coordinates about atoms placed before it: a bond r, an
+angle theta (for a linear row the log of its bend, as for OCS) and, from the fourth row
+on, the dihedral (as its offset from the reference dihedral, wrapped to (-pi, pi], so that
+the vibration does not straddle the cut). The same argument gives the measure
+
+    log p(relative coordinates) = log p_features - sum log(r^2) - sum log(sin theta)
+                                  - sum over linear rows of log b - log(8 pi^2)
+
+(the first two rows' directions and the third row's azimuth are the orientation, uniform
+over a volume 8 pi^2). For OCS these are exactly the features above.
+
 Example:
     >>> import torch
     >>> from flowrecon.systems.cei.geometry import sample_ocs
@@ -28,14 +40,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from flowrecon.density import Density
+from flowrecon.systems.cei.physics import dihedral_torch
 
-__all__ = ["fit_learned_prior", "internal_coordinates", "learned_log_prior"]
+if TYPE_CHECKING:
+    from flowrecon.systems.cei.molecule import Molecule, ZMatrixRow
+
+#: Geometries ``(..., 3N)`` -> internal coordinates and the log-Jacobian to positions.
+FeatureMap = Callable[[Any], tuple[np.ndarray, np.ndarray]]
+
+__all__ = ["fit_learned_prior", "internal_coordinates", "learned_log_prior", "molecule_features"]
 
 #: Smallest bend used (radians): an exactly linear geometry has b = 0 and log b = -inf.
 MIN_BEND = 1e-9
@@ -78,6 +97,75 @@ def internal_coordinates(positions: Any) -> tuple[np.ndarray, np.ndarray]:
         - 2 * d2.log()
     )
     return features.numpy(), log_jacobian.numpy()
+
+
+def molecule_features(molecule: Molecule) -> FeatureMap | None:
+    """The learned prior's features of any molecule, from its Z-matrix (see the module).
+
+    Returns ``features(positions) -> (features, log_jacobian)`` for geometries
+    ``(..., 3N)`` (3N - 6 features; 3N - 5 for a linear triatomic, whose bend has two
+    dimensions), or None when the molecule has no Z-matrix or a linear row after the
+    third, whose bend azimuth is not an orientation (its prior then stays flat).
+
+    Example:
+        >>> from flowrecon.systems.cei.molecule import load_molecule
+        >>> m = load_molecule("so2")
+        >>> f, log_j = molecule_features(m)(np.array(m.geometry).reshape(1, 9))
+        >>> f.shape, log_j.shape
+        ((1, 3), (1,))
+    """
+    from flowrecon.systems.cei.zmatrix import reference_values
+
+    rows = molecule.zmatrix
+    if len(rows) != molecule.n_atoms or any(r.linear for r in rows[3:]):
+        return None
+    references = [ref[2] for ref in reference_values(molecule)]
+    n_atoms = molecule.n_atoms
+
+    def features(positions: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.as_tensor(np.array(positions, dtype=np.float64))
+        if x.shape[-1] != 3 * n_atoms:
+            raise ValueError(
+                f"positions must have {3 * n_atoms} columns for {molecule.name!r}, "
+                f"got {x.shape[-1]}"
+            )
+        atoms = x.reshape(*x.shape[:-1], n_atoms, 3)
+        columns: list[torch.Tensor] = []
+        log_jacobian = torch.full(x.shape[:-1], -_LOG_8PI2, dtype=x.dtype)
+        for number, row in enumerate(rows[1:], start=1):
+            bond = atoms[..., row.atom, :] - atoms[..., row.bond_to, :]
+            r = bond.norm(dim=-1)
+            columns.append(r)
+            log_jacobian = log_jacobian - 2 * r.log()
+            if number < 2:
+                continue
+            axis = atoms[..., row.angle_to, :] - atoms[..., row.bond_to, :]
+            if row.linear:  # the bend pi - theta, on a log scale, as for OCS
+                bend = _bend(bond, axis)
+                columns.append(bend.log())
+                log_jacobian = log_jacobian - 2 * bend.log() - torch.log(torch.sinc(bend / math.pi))
+                continue
+            theta = torch.atan2(torch.linalg.cross(bond, axis).norm(dim=-1), (bond * axis).sum(-1))
+            columns.append(theta)
+            log_jacobian = log_jacobian - torch.sin(theta).clamp(min=MIN_BEND).log()
+            if number >= 3:
+                phi = dihedral_torch(*(atoms[..., i, :] for i in _dihedral_atoms(row)))
+                columns.append(torch.remainder(phi - references[number] + math.pi, 2 * math.pi)
+                               - math.pi)  # fmt: skip
+        return torch.stack(columns, -1).numpy(), log_jacobian.numpy()
+
+    return features
+
+
+def _bend(bond: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """pi - angle(bond, axis), from atan2 so that nearly linear bends keep their digits."""
+    bend = torch.atan2(torch.linalg.cross(bond, axis).norm(dim=-1), -(bond * axis).sum(-1))
+    return bend.clamp(min=MIN_BEND)
+
+
+def _dihedral_atoms(row: ZMatrixRow) -> tuple[int, int, int, int]:
+    assert row.bond_to is not None and row.angle_to is not None and row.dihedral_to is not None
+    return row.atom, row.bond_to, row.angle_to, row.dihedral_to
 
 
 def fit_learned_prior(

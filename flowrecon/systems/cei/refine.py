@@ -7,13 +7,18 @@ already close), and `distinct_solutions` merges the samples that converge to the
 geometry, so an event with two or three geometries that explain its momenta shows them
 all.
 
-Parametrisation: the six relative coordinates r_CO = x_O - x_C and r_CS = x_S - x_C; the
-centre of mass, which momenta cannot observe, stays where the starting geometry had it.
+Any molecule: N atoms, known by their masses and charges (OCS, atoms C, O, S, by
+default). Parametrisation: the 3N - 3 relative coordinates r_i = x_i - x_0 of atoms 1..N-1
+(for OCS r_CO and r_CS); the centre of mass, which momenta cannot observe, stays where the
+starting geometry had it. These are the 3N - 6 internal coordinates and the orientation:
+momenta measured in the lab fix the orientation too, and the 3N momenta, whose sum is zero,
+span the same 3N - 3 dimensions, so the least-squares problem is square.
 
 Jacobians come from forward differences of the simulator on a coarse step grid (12
-instead of 56 steps, accurate to ~1e-4): the base geometry and its six displaced copies
-run as one batch through the fused simulator, about four times cheaper than reverse-mode
-autograd through the same grid. The residual always comes from the full-accuracy
+instead of 56 steps, accurate to ~1e-4; `flowrecon.systems.cei.explosion`): the base
+geometry and its 3N - 3 displaced copies run as one batch through the simulator (for
+three atoms the fused planar one), about four times cheaper than reverse-mode autograd
+through the same grid. The residual always comes from the full-accuracy
 simulator, so the iteration converges to the exact solution of the full simulator; an
 approximate Jacobian only makes it converge linearly instead of quadratically, with a
 rate of about the Jacobian's relative error.
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 
 from flowrecon.systems.cei.constants import DEFAULT_CHARGES, MASSES
-from flowrecon.systems.cei.simulator import IntegratorSettings, asymptotic_momenta
+from flowrecon.systems.cei.explosion import coarse_settings, final_momenta
 
 __all__ = [
     "JACOBIAN_SETTINGS",
@@ -45,8 +50,8 @@ __all__ = [
     "solution_log_mass",
 ]
 
-#: The coarse grid used for Jacobians only.
-JACOBIAN_SETTINGS = IntegratorSettings(steps=12, sigma_end=7.0, grid_power=1.5)
+#: The coarse grid used for OCS Jacobians only (other molecules: `coarse_settings`).
+JACOBIAN_SETTINGS = coarse_settings(MASSES, DEFAULT_CHARGES)
 
 # A step that cuts the squared residual by less than this factor renews the Jacobian: a
 # good frozen Jacobian cuts it by ~1e-6 a step (its relative error, squared), so anything
@@ -67,8 +72,8 @@ class RefineResult:
     """Refined geometries and how well they explain the momenta.
 
     Attributes:
-        positions: refined positions (B, 9), bohr.
-        residual: |p_sim - p_obs| / |p_obs| per event (norms of the 9-vectors).
+        positions: refined positions (B, 3N), bohr.
+        residual: |p_sim - p_obs| / |p_obs| per event (norms of the 3N-vectors).
         converged: residual below the tolerance.
         iterations: Levenberg-Marquardt iterations each event used.
     """
@@ -83,17 +88,25 @@ def _masses(masses: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(masses, dtype=like.dtype, device=like.device)
 
 
+def _check_molecule(masses: Sequence[float], charges: Sequence[float]) -> None:
+    if len(masses) < 2 or len(charges) != len(masses):
+        raise ValueError(
+            f"need one charge per atom and at least 2 atoms; got {len(masses)} masses and "
+            f"{len(charges)} charges"
+        )
+
+
 def _to_relative(x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 9) positions -> relative coordinates (B, 6) and centre of mass (B, 3)."""
-    a = x.reshape(-1, 3, 3)
+    """(B, 3N) positions -> relative coordinates (B, 3N - 3) and centre of mass (B, 3)."""
+    a = x.reshape(-1, len(m), 3)
     com = (m[:, None] * a).sum(1) / m.sum()
-    return torch.cat([a[:, 1] - a[:, 0], a[:, 2] - a[:, 0]], 1), com
+    return (a[:, 1:] - a[:, :1]).reshape(len(a), -1), com
 
 
 def _to_positions(q: torch.Tensor, com: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    r1, r2 = q[:, :3], q[:, 3:]
-    c = com - (m[1] * r1 + m[2] * r2) / m.sum()
-    return torch.cat([c, c + r1, c + r2], 1)
+    r = q.reshape(len(q), -1, 3)  # (B, N - 1, 3)
+    c = com - (m[1:, None] * r).sum(1) / m.sum()
+    return torch.cat([c[:, None], c[:, None] + r], 1).reshape(len(q), -1)
 
 
 #: Finite-difference step of the Jacobian, bohr. The coarse simulator is a smooth map
@@ -109,25 +122,26 @@ def _jacobian(
     m: torch.Tensor,
     charges: Sequence[float],
     compile: bool,
-    settings: IntegratorSettings | None = JACOBIAN_SETTINGS,
+    coarse: bool = True,
 ) -> torch.Tensor:
-    """d p / d q on the coarse grid (or ``settings``), (B, 9, 6), by forward differences.
+    """d p / d q on the coarse grid (or the full one), (B, 3N, 3N - 3), by forward differences.
 
-    The base geometry and its six displaced copies go through the coarse simulator as one
-    batch of 7B events: no autograd graph, and on CPU the fused (compiled) planar path,
-    which is several times cheaper than reverse mode through the eager 3-D path.
+    The base geometry and its 3N - 3 displaced copies go through the coarse simulator as
+    one batch of (3N - 2) B events: no autograd graph, and on CPU for three atoms the fused
+    (compiled) planar path, which is several times cheaper than reverse mode through the
+    eager 3-D path.
     """
-    b = q.shape[0]
-    steps = torch.cat([torch.zeros(1, 6, dtype=q.dtype, device=q.device),
-                       _FD_STEP * torch.eye(6, dtype=q.dtype, device=q.device)])  # fmt: skip
-    qq = (q[None] + steps[:, None]).reshape(7 * b, 6)
-    p = asymptotic_momenta(
-        _to_positions(qq, com.repeat(7, 1), m),
-        charges=charges,
-        masses=m.tolist(),
-        settings=settings,
+    b, d = q.shape
+    steps = torch.cat([torch.zeros(1, d, dtype=q.dtype, device=q.device),
+                       _FD_STEP * torch.eye(d, dtype=q.dtype, device=q.device)])  # fmt: skip
+    qq = (q[None] + steps[:, None]).reshape((d + 1) * b, d)
+    p = final_momenta(
+        _to_positions(qq, com.repeat(d + 1, 1), m),
+        m.tolist(),
+        charges,
+        coarse=coarse,
         compile=compile,
-    ).reshape(7, b, 9)
+    ).reshape(d + 1, b, d + 3)
     return ((p[1:] - p[0]) / _FD_STEP).permute(1, 2, 0)
 
 
@@ -145,21 +159,22 @@ def refine(
     """Levenberg-Marquardt on |simulate(x) - p_obs|, batched over events.
 
     Args:
-        positions: starting geometries (B, 9), bohr (e.g. posterior samples).
-        momenta: observed momenta (B, 9), a.u.; row i is the target of geometry i.
-        charges: ion charges (C, O, S).
-        masses: ion masses in electron masses.
+        positions: starting geometries (B, 3N), bohr (e.g. posterior samples).
+        momenta: observed momenta (B, 3N), a.u.; row i is the target of geometry i.
+        charges: ion charges, one per atom (default OCS: C, O, S).
+        masses: ion masses in electron masses, one per atom.
         tol: relative momentum residual at which an event counts as converged.
         max_iter: iteration limit.
-        compile: fuse the simulator (see `asymptotic_momenta`); None: on CPU from
-            16,384 events.
-        jacobian_chunk: events per Jacobian pass (each runs seven coarse simulations).
+        compile: fuse the simulator (see `asymptotic_momenta`); None: for three atoms on
+            CPU from 16,384 events (N-body molecules only when asked).
+        jacobian_chunk: events per Jacobian pass (each runs 3N - 2 coarse simulations).
 
     Returns:
         A `RefineResult` on the input's device (float64).
 
     Example:
         >>> from flowrecon.systems.cei.geometry import sample_ocs
+        >>> from flowrecon.systems.cei.simulator import asymptotic_momenta
         >>> x = sample_ocs(4, torch.Generator().manual_seed(0))
         >>> p = asymptotic_momenta(x)
         >>> res = refine(x + 0.02, p)        # a shifted start; the shift is a pure COM move
@@ -168,29 +183,30 @@ def refine(
     """
     x0 = torch.as_tensor(positions, dtype=torch.float64)
     p_obs = torch.as_tensor(momenta, dtype=torch.float64, device=x0.device)
-    if x0.shape != p_obs.shape or x0.shape[-1:] != (9,) or x0.dim() != 2:
+    width = 3 * len(masses)
+    _check_molecule(masses, charges)
+    if x0.shape != p_obs.shape or x0.shape[-1:] != (width,) or x0.dim() != 2:
         raise ValueError(
-            f"positions and momenta must both have shape (B, 9); got {tuple(x0.shape)} and "
-            f"{tuple(p_obs.shape)}"
+            f"positions and momenta must both have shape (B, {width}) for {len(masses)} "
+            f"atoms; got {tuple(x0.shape)} and {tuple(p_obs.shape)}"
         )
     m = _masses(masses, x0)
     q, com = _to_relative(x0, m)
-    n = q.shape[0]
+    n, dim = q.shape
     if compile is None:
         # The residual is simulated about ten times an event: fusing pays off earlier
-        # than for a single simulation.
-        compile = x0.device.type == "cpu" and n >= 16384
+        # than for a single simulation. The N-body step's first compilation takes
+        # minutes, so it is fused only on request.
+        compile = x0.device.type == "cpu" and n >= 16384 and len(masses) == 3
 
     def simulate(qq: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
-        return asymptotic_momenta(
-            _to_positions(qq, cc, m), charges=charges, masses=masses, compile=compile
-        )
+        return final_momenta(_to_positions(qq, cc, m), masses, charges, compile=compile)
 
     scale = p_obs.norm(dim=1).clamp_min(1e-300)
     r = simulate(q, com) - p_obs
     cost = (r * r).sum(1)
     lam = torch.full((n,), _LAM0, dtype=q.dtype, device=q.device)
-    jac = torch.zeros(n, 9, 6, dtype=q.dtype, device=q.device)
+    jac = torch.zeros(n, width, dim, dtype=q.dtype, device=q.device)
     stale = torch.ones(n, dtype=torch.bool, device=q.device)  # needs a new Jacobian
     fresh = torch.zeros(n, dtype=torch.bool, device=q.device)  # Jacobian taken at q
     iterations = torch.zeros(n, dtype=torch.long, device=q.device)
@@ -246,7 +262,7 @@ class Solutions:
     """The distinct geometries found for one event.
 
     Attributes:
-        positions: (S, 9) geometries, bohr, ordered by how many samples reached them.
+        positions: (S, 3N) geometries, bohr, ordered by how many samples reached them.
         residual: (S,) relative momentum residual of each.
         count: (S,) how many refined samples converged to each.
         labels: (K,) which solution each sample reached (-1: it did not converge).
@@ -275,17 +291,17 @@ def distinct_solutions(
     lies within ``merge_tol`` bohr. Unconverged samples are ignored.
 
     Args:
-        refined: refined positions of the event's K samples, (K, 9).
+        refined: refined positions of the event's K samples, (K, 3N).
         residual: their residuals, (K,).
         converged: their convergence flags, (K,).
         masses: for the centre of mass.
         merge_tol: distance below which two solutions are one, bohr.
     """
-    original = np.asarray(torch.as_tensor(refined).cpu(), dtype=float).reshape(-1, 9)
+    m = np.asarray(masses, dtype=float)
+    original = np.asarray(torch.as_tensor(refined).cpu(), dtype=float).reshape(-1, 3 * len(m))
     res = np.asarray(torch.as_tensor(residual).cpu(), dtype=float)
     ok = np.asarray(torch.as_tensor(converged).cpu(), dtype=bool)
-    m = np.asarray(masses, dtype=float)
-    x = original.reshape(-1, 3, 3)
+    x = original.reshape(len(original), len(m), 3)
     x = x - (m[None, :, None] * x).sum(1, keepdims=True) / m.sum()
     reps: list[int] = []
     members: list[list[int]] = []
@@ -303,7 +319,7 @@ def distinct_solutions(
     for label, j in enumerate(order):
         labels[members[j]] = label
     return Solutions(
-        positions=original[best] if best else np.zeros((0, 9)),
+        positions=original[best] if best else np.zeros((0, 3 * len(m))),
         residual=res[best] if best else np.zeros(0),
         count=np.array([len(members[j]) for j in order], dtype=int),
         labels=labels,
@@ -315,20 +331,21 @@ class RefinedPosterior:
     """Refinement of K posterior samples for each of B events.
 
     Attributes:
-        samples: refined samples (M, B, 9), the first M of the K given (M = K unless
+        samples: refined samples (M, B, 3N), the first M of the K given (M = K unless
             ``refine_samples`` said fewer); unconverged ones are left where they ended.
         residual: (M, B) relative momentum residuals.
         converged: (M, B) flags.
-        best: (B, 9) each event's refined prediction: the refined posterior mean (which
+        best: (B, 3N) each event's refined prediction: the refined posterior mean (which
             lies nearer the heavier mode when the posterior has several), else the
             solution most samples reached, else the raw posterior mean.
         best_residual: (B,) relative momentum residual of ``best`` (inf where nothing
             converged).
         n_solutions: (B,) distinct solutions found per event.
         seconds: wall time of the refinement.
-        extra: refined physics-based starts (E, B, 9) (`StartBank`, `template_starts`);
+        extra: refined physics-based starts (E, B, 3N) (`StartBank`, `template_starts`);
             NaN where an event had none.
         extra_converged: (E, B) their flags.
+        masses: the atoms' masses (for centres of mass).
     """
 
     samples: np.ndarray
@@ -340,16 +357,17 @@ class RefinedPosterior:
     seconds: float
     extra: np.ndarray | None = None
     extra_converged: np.ndarray | None = None
+    masses: tuple[float, ...] = MASSES
 
-    def atom_error(self, truth: np.ndarray, masses: Sequence[float] = MASSES) -> np.ndarray:
+    def atom_error(self, truth: np.ndarray, masses: Sequence[float] | None = None) -> np.ndarray:
         """(B,) largest atom distance of ``best`` from ``truth``, bohr.
 
         Both centres of mass are removed first: momenta cannot observe them.
         """
-        return _atom_distance(self.best, truth, masses)
+        return _atom_distance(self.best, truth, self.masses if masses is None else masses)
 
     def nearest_solution_error(
-        self, truth: np.ndarray, masses: Sequence[float] = MASSES
+        self, truth: np.ndarray, masses: Sequence[float] | None = None
     ) -> np.ndarray:
         """(B,) largest atom distance from ``truth`` of the nearest exact solution found.
 
@@ -357,6 +375,7 @@ class RefinedPosterior:
         geometries explain equally well counts as recovered when the true one is among
         the solutions reported, although ``best`` may be the other.
         """
+        masses = self.masses if masses is None else masses
         per_sample = np.where(self.converged, _atom_distance(self.samples, truth, masses), np.inf)
         nearest = np.minimum(self.atom_error(truth, masses), per_sample.min(0, initial=np.inf))
         if self.extra is not None and len(self.extra):
@@ -368,14 +387,14 @@ class RefinedPosterior:
 
 
 def _atom_distance(x: np.ndarray, truth: np.ndarray, masses: Sequence[float]) -> np.ndarray:
-    """Largest atom distance between geometries ``(..., B, 9)`` and ``truth`` ``(B, 9)``,
+    """Largest atom distance between geometries ``(..., B, 3N)`` and ``truth`` ``(B, 3N)``,
     centres of mass removed, shape ``(..., B)``."""
     from flowrecon.systems.cei.physics import remove_centre_of_mass
 
     diff = remove_centre_of_mass(np.asarray(x, dtype=float), masses) - remove_centre_of_mass(
         np.asarray(truth, dtype=float), masses
     )
-    return np.linalg.norm(diff.reshape(*diff.shape[:-1], 3, 3), axis=-1).max(-1)
+    return np.linalg.norm(diff.reshape(*diff.shape[:-1], len(masses), 3), axis=-1).max(-1)
 
 
 def solution_log_mass(
@@ -389,19 +408,19 @@ def solution_log_mass(
 
     With noise-free momenta p = f(q) the posterior is a sum of point masses at the
     solutions, each weighing prior(q_s) / sqrt(det J_s^T J_s), J_s = dp/dq (the momenta
-    span six dimensions, like q): a solution where the momenta change fast with the
+    span 3N - 3 dimensions, like q): a solution where the momenta change fast with the
     geometry is less probable. ``log_prior`` must be a density over the relative
-    coordinates (as `flowrecon.systems.cei.likelihood.ocs_log_prior` is), so that
-    the two factors refer to the same coordinates.
+    coordinates (as `flowrecon.systems.cei.likelihood.ocs_log_prior` and the learned
+    priors are), so that the two factors refer to the same coordinates.
 
     Args:
-        positions: solutions (S, 9), bohr.
-        log_prior: log prior density of geometries (S, 9) -> (S,).
+        positions: solutions (S, 3N), bohr.
+        log_prior: log prior density of geometries (S, 3N) -> (S,).
     """
     x = torch.as_tensor(np.asarray(torch.as_tensor(positions).cpu(), dtype=float))
     m = _masses(masses, x)
     q, com = _to_relative(x, m)
-    jac = _jacobian(q, com, m, charges, compile=False, settings=None)  # the full grid
+    jac = _jacobian(q, com, m, charges, compile=False, coarse=False)  # the full grid
     log_volume = 0.5 * torch.logdet(jac.transpose(1, 2) @ jac).numpy()
     return np.asarray(log_prior(x.numpy()), dtype=float) - log_volume
 
@@ -416,8 +435,13 @@ class StartBank:
     every event, to the true geometry for 98.6 % (the rest reached the other geometry of
     a two-solution event). Distances are taken in frame momenta scaled by their spread.
 
+    Any molecule: the frame's reference atoms are ``reference`` (a molecule's own
+    ``frame``), else for three atoms those of `momentum_frame` (OCS: S and C), else the
+    pair whose momenta are least collinear over the bank (`choose_frame_atoms`).
+
     Example:
         >>> from flowrecon.systems.cei.geometry import sample_ocs
+        >>> from flowrecon.systems.cei.simulator import asymptotic_momenta
         >>> x = sample_ocs(200, torch.Generator().manual_seed(0))
         >>> bank = StartBank(x, asymptotic_momenta(x))
         >>> bank.starts(asymptotic_momenta(x[:3]), k=2).shape
@@ -429,15 +453,23 @@ class StartBank:
         positions: np.ndarray | torch.Tensor,
         momenta: np.ndarray | torch.Tensor,
         masses: Sequence[float] = MASSES,
+        reference: tuple[int, int] | None = None,
     ) -> None:
-        from flowrecon.systems.cei.frames import momentum_frame, to_frame
+        from flowrecon.systems.cei.frames import choose_frame_atoms, to_frame
         from flowrecon.systems.cei.physics import remove_centre_of_mass
 
         x = torch.as_tensor(np.asarray(torch.as_tensor(positions).cpu(), dtype=float))
         p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
-        if x.dim() != 2 or x.shape != p.shape or x.shape[1] != 9 or len(x) == 0:
-            raise ValueError(f"a start bank needs (N, 9) positions and momenta, got {x.shape}")
-        frame = momentum_frame(p)
+        width = 3 * len(masses)
+        if x.dim() != 2 or x.shape != p.shape or x.shape[1] != width or len(x) == 0:
+            raise ValueError(
+                f"a start bank needs (N, {width}) positions and momenta for {len(masses)} "
+                f"atoms, got {tuple(x.shape)} and {tuple(p.shape)}"
+            )
+        if reference is None and len(masses) != 3:
+            reference = choose_frame_atoms(p)
+        self.reference = reference
+        frame = self._frame(p)
         keys = to_frame(p, frame)
         spread = keys.std(0)
         self.scale = torch.where(spread > 1e-9 * spread.max(), spread, torch.ones_like(spread))
@@ -447,17 +479,26 @@ class StartBank:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _frame(self, p: torch.Tensor) -> torch.Tensor:
+        from flowrecon.systems.cei.frames import molecule_frame, momentum_frame
+
+        return momentum_frame(p) if self.reference is None else molecule_frame(p, self.reference)
+
     def starts(self, momenta: np.ndarray | torch.Tensor, k: int = 4) -> np.ndarray:
-        """Geometries of the k known events nearest in frame momenta, (k, B, 9), bohr."""
-        from flowrecon.systems.cei.frames import from_frame, momentum_frame, to_frame
+        """Geometries of the k known events nearest in frame momenta, (k, B, 3N), bohr."""
+        from flowrecon.systems.cei.frames import from_frame, to_frame
 
         p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
-        frame = momentum_frame(p)
+        if p.dim() != 2 or p.shape[1] != self.keys.shape[1]:
+            raise ValueError(
+                f"momenta must have shape (B, {self.keys.shape[1]}), got {tuple(p.shape)}"
+            )
+        frame = self._frame(p)
         query = to_frame(p, frame) / self.scale
         k = min(k, len(self.keys))
         nearest = torch.cat([torch.cdist(q, self.keys).topk(k, largest=False).indices
                              for q in query.split(2048)])  # fmt: skip
-        shapes = self.shapes[nearest.T]  # (k, B, 9) in each event's frame
+        shapes = self.shapes[nearest.T]  # (k, B, 3N) in each event's frame
         return from_frame(shapes, frame).numpy()
 
 
@@ -466,7 +507,7 @@ def template_starts(
     charges: Sequence[float] = DEFAULT_CHARGES,
     masses: Sequence[float] = MASSES,
 ) -> np.ndarray:
-    """Two starts from the momenta alone, (2, B, 9): atoms along their momenta.
+    """Two starts from the momenta alone, (2, B, 3N): atoms along their momenta.
 
     After a Coulomb explosion from rest each ion moves away from where it started, so
     placing it along its momentum (p_i, or its velocity p_i / m_i) and scaling the
@@ -478,11 +519,11 @@ def template_starts(
 
     p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
     m = torch.as_tensor(masses, dtype=p.dtype)
-    atoms = p.reshape(-1, 3, 3)
+    atoms = p.reshape(len(p), len(m), 3)
     ke = kinetic_energy(p, masses)
     out = []
     for shape in (atoms, atoms / m[:, None]):
-        x = shape.reshape(-1, 9)
+        x = shape.reshape(len(p), -1)
         # PE of s * x is PE(x) / s: s = PE(x) / KE puts PE(s x) at KE.
         s = coulomb_potential(x, charges) / ke
         out.append((x * s[:, None]).numpy())
@@ -492,9 +533,9 @@ def template_starts(
 def _refine_flat(
     xs: np.ndarray, p: np.ndarray, chunk_size: int, **options: object
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Refines starts (K, B, 9) for events (B, 9) in chunks: positions, residual, converged."""
-    k, b = xs.shape[:2]
-    flat_x = xs.reshape(k * b, 9)
+    """Refines starts (K, B, 3N) for events (B, 3N) in chunks: positions, residual, converged."""
+    k, b, width = xs.shape
+    flat_x = xs.reshape(k * b, width)
     flat_p = np.tile(p, (k, 1))  # row j * b + i is event i, like flat_x
     out_x = np.empty_like(flat_x)
     out_r = np.empty(k * b)
@@ -506,7 +547,7 @@ def _refine_flat(
         out_x[start:stop] = res.positions.cpu().numpy()
         out_r[start:stop] = res.residual.cpu().numpy()
         out_c[start:stop] = res.converged.cpu().numpy()
-    return out_x.reshape(k, b, 9), out_r.reshape(k, b), out_c.reshape(k, b)
+    return out_x.reshape(k, b, width), out_r.reshape(k, b), out_c.reshape(k, b)
 
 
 def refine_posterior(
@@ -533,10 +574,10 @@ def refine_posterior(
     ``rescue_starts`` more neighbours and two momentum templates (`template_starts`).
 
     Args:
-        samples: posterior samples (K, B, 9), bohr (e.g. from ``model.sample``).
-        momenta: observed momenta (B, 9), a.u.
-        charges: ion charges (C, O, S).
-        masses: ion masses in electron masses.
+        samples: posterior samples (K, B, 3N), bohr (e.g. from ``model.sample``).
+        momenta: observed momenta (B, 3N), a.u.
+        charges: ion charges, one per atom (default OCS: C, O, S).
+        masses: ion masses in electron masses, one per atom.
         tol: convergence tolerance of the relative momentum residual.
         merge_tol: samples closer than this (bohr, every atom) are one solution.
         chunk_size: samples refined together.
@@ -556,6 +597,12 @@ def refine_posterior(
 
     raw = np.asarray(torch.as_tensor(samples).cpu(), dtype=float)
     p = np.asarray(torch.as_tensor(momenta).cpu(), dtype=float)
+    b, width = len(p), 3 * len(masses)
+    if raw.ndim != 3 or raw.shape[1:] != (b, width) or p.shape != (b, width):
+        raise ValueError(
+            f"samples (K, B, {width}) and momenta (B, {width}) for {len(masses)} atoms; got "
+            f"{raw.shape} and {p.shape}"
+        )
     # The posterior mean is refined too, as an extra start: on 5,000 noise-free test
     # events it recovered the true geometry more often (99.1 %) than a single sample
     # (98.6 %), since for a two-mode posterior it sits nearer the heavier mode.
@@ -565,8 +612,7 @@ def refine_posterior(
     t0 = time.perf_counter()
     refined_all, residual_all, converged_all = _refine_flat(xs, p, chunk_size, **options)
     found = converged_all.any(0)
-    b = len(p)
-    e_x, e_r, e_c = np.zeros((0, b, 9)), np.zeros((0, b)), np.zeros((0, b), dtype=bool)
+    e_x, e_r, e_c = np.zeros((0, b, width)), np.zeros((0, b)), np.zeros((0, b), dtype=bool)
     if bank is not None and bank_starts > 0:  # the nearest known events, for every event
         e_x, e_r, e_c = _refine_flat(bank.starts(p, bank_starts), p, chunk_size, **options)
         found |= e_c.any(0)
@@ -576,7 +622,7 @@ def refine_posterior(
         if bank is not None:
             starts.append(bank.starts(p[lost], bank_starts + rescue_starts)[bank_starts:])
         r_x, r_r, r_c = _refine_flat(np.concatenate(starts), p[lost], chunk_size, **options)
-        block_x = np.full((len(r_x), b, 9), np.nan)
+        block_x = np.full((len(r_x), b, width), np.nan)
         block_r = np.full((len(r_x), b), np.inf)
         block_c = np.zeros((len(r_x), b), dtype=bool)
         block_x[:, lost], block_r[:, lost], block_c[:, lost] = r_x, r_r, r_c
@@ -588,7 +634,8 @@ def refine_posterior(
         log_prior, charges, masses, merge_tol,
     )  # fmt: skip
     return RefinedPosterior(refined_all[1:], residual_all[1:], converged_all[1:], best,
-                            best_residual, n_solutions, seconds, e_x, e_c)  # fmt: skip
+                            best_residual, n_solutions, seconds, e_x, e_c,
+                            tuple(float(v) for v in masses))  # fmt: skip
 
 
 def _choose(

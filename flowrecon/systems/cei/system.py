@@ -33,6 +33,7 @@ from flowrecon.systems.cei.molecule import (
     load_molecule,
     preset_names,
 )
+from flowrecon.systems.cei.prior import molecule_features
 
 __all__ = ["BUILTIN_DATASET", "CEIEvaluator", "make_system", "molecule_of"]
 
@@ -44,13 +45,17 @@ BUILTIN_DATASET: dict[str, Any] = {"n": 100_000, "seed": 2026, "momentum_noise":
 #: Highest charge accepted for an ion: no element has more protons than 118.
 MAX_CHARGE = 118.0
 
-#: Point metrics reported for refined predictions (with a ``refined_`` prefix).
+#: Point metrics reported for refined predictions (with a ``refined_`` prefix), those a
+#: molecule's metrics have: OCS names its two bonds, other molecules report the mean over
+#: their declared bonds and angles and, if chiral, the handedness.
 REFINED_KEYS = (
     "ade",
     "rmsd_com",
     "bond_error_co",
     "bond_error_cs",
+    "bond_error",
     "angle_error_deg",
+    "handedness_right",
     "mse",
     "energy_diff",
     "resim_residual",
@@ -250,8 +255,7 @@ def make_system(
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         extra: dict[str, np.ndarray] = {}
         if refine:
-            _ocs_only(mol, "refinement (refine)")
-            samples, extra = _refined_samples(samples, context.y, charges_)
+            samples, extra = _refined_samples(samples, context.y, charges_, mol)
         return samples, {**extra, **_energy_columns(samples, context, mol, charges_, noise)}
 
     def physics_loss() -> Any:
@@ -301,8 +305,9 @@ def make_system(
         sampler=sampler,
         physics_terms=("energy_diff2", "rel_err2"),
         physics_loss=physics_loss,
-        # The learned prior's internal coordinates are those of a triatomic C, O, S order.
-        prior_features=_internal_coordinates if is_ocs(mol) else None,
+        # The learned prior's internal coordinates: OCS's own (r_CO, r_CS, log bend), else
+        # the molecule's Z-matrix coordinates (the same three for OCS).
+        prior_features=_internal_coordinates if ocs else molecule_features(mol),
         options={
             "molecule": kept,
             "charges": list(charges_),
@@ -391,7 +396,7 @@ class CEIEvaluator:
             ``flat``; default ``ocs`` for runs on the built-in OCS data, else ``learned``
             (``flat`` for a run without a learned prior). Refinement uses it to choose
             among several exact solutions, and the weights weigh by it.
-        molecule: The molecule (default OCS). Refinement and weights are OCS-only so far.
+        molecule: The molecule (default OCS).
     """
 
     def __init__(
@@ -415,10 +420,6 @@ class CEIEvaluator:
         self.prior, self.log_prior = _resolve_prior(
             prior, on_ocs_data and is_ocs(molecule), context.log_prior
         )
-        if refine:
-            _ocs_only(molecule, "refinement (refine)")
-        if weights:
-            _ocs_only(molecule, "importance weights (weights)")
         if prior == "ocs":
             _ocs_only(molecule, "the OCS prior (prior=ocs)")
         if refine_samples < 1:
@@ -466,7 +467,8 @@ class CEIEvaluator:
         p_obs, truth = ctx.y[start:stop], ctx.x[start:stop]
         log_q = ctx.model.log_prob(xs, np.broadcast_to(p_obs, xs.shape))
         prior = self.log_prior if self.log_prior is not None else "flat"
-        w = posterior_weights(xs, p_obs, log_q, self.noise, prior=prior, charges=self.charges)
+        w = posterior_weights(xs, p_obs, log_q, self.noise, prior=prior, charges=self.charges,
+                              masses=self.molecule.masses)  # fmt: skip
         acc["hits50"] += weighted_coverage(xs, w.weights, truth, 0.5) * (stop - start)
         acc["hits90"] += weighted_coverage(xs, w.weights, truth, 0.9) * (stop - start)
         acc["ess"].append(w.ess)
@@ -483,13 +485,20 @@ class CEIEvaluator:
         if self.refine:
             metrics.update(
                 _refined_metrics(
-                    self.refine_starts, ctx.x, ctx.y, self.charges, self.log_prior, _start_bank(ctx)
+                    self.refine_starts,
+                    ctx.x,
+                    ctx.y,
+                    self.molecule,
+                    self.log_prior,
+                    _start_bank(ctx, self.molecule),
                 )
             )
         if self.weights:
             n = len(ctx.x)
             ess = np.concatenate(self.weighted["ess"])
-            w_err = np.linalg.norm((self.weighted["mean"] - ctx.x).reshape(-1, 3, 3), axis=-1)
+            w_err = np.linalg.norm(
+                (self.weighted["mean"] - ctx.x).reshape(n, self.molecule.n_atoms, 3), axis=-1
+            )
             metrics.update(
                 {
                     "weighted_coverage_50": self.weighted["hits50"] / n,
@@ -585,7 +594,7 @@ class CEIEvaluator:
 _BANK: dict[str, Any] = {"key": None, "bank": None}
 
 
-def _start_bank(context: EvaluationContext) -> Any:
+def _start_bank(context: EvaluationContext, molecule: Molecule) -> Any:
     """The run's training events as refinement starts (`StartBank`), built once a run."""
     from flowrecon.systems.cei.refine import StartBank
 
@@ -594,8 +603,14 @@ def _start_bank(context: EvaluationContext) -> Any:
         return None
     if _BANK["key"] is not loader:  # chunks of one command share one loader
         x, y = loader()
-        _BANK["key"], _BANK["bank"] = loader, StartBank(x, y)
+        bank = StartBank(x, y, molecule.masses, _bank_reference(molecule))
+        _BANK["key"], _BANK["bank"] = loader, bank
     return _BANK["bank"]
+
+
+def _bank_reference(molecule: Molecule) -> tuple[int, int] | None:
+    """The start bank's frame atoms: OCS's momentum frame, else the molecule's own frame."""
+    return None if is_ocs(molecule) else molecule.frame
 
 
 def _resolve_prior(
@@ -627,7 +642,7 @@ def _refined_metrics(
     starts: np.ndarray,
     x_true: np.ndarray,
     p_obs: np.ndarray,
-    charges: tuple[float, ...],
+    molecule: Molecule,
     log_prior: Callable[[np.ndarray], np.ndarray] | None,
     bank: Any = None,
 ) -> dict[str, Any]:
@@ -635,10 +650,21 @@ def _refined_metrics(
     from flowrecon.systems.cei.metrics import cei_metrics
     from flowrecon.systems.cei.refine import refine_posterior
 
-    refined = refine_posterior(starts, p_obs, charges=charges, log_prior=log_prior, bank=bank)
+    charges, masses = molecule.charges, molecule.masses
+    refined = refine_posterior(
+        starts, p_obs, charges=charges, masses=masses, log_prior=log_prior, bank=bank
+    )
     # One refined prediction an event: a single "sample", so only point metrics apply.
-    point = cei_metrics(refined.best[None], x_true, p_obs, charges=charges, resim_max_events=20_000)
-    out: dict[str, Any] = {f"refined_{k}": point[k] for k in REFINED_KEYS}
+    point = cei_metrics(
+        refined.best[None],
+        x_true,
+        p_obs,
+        charges=charges,
+        masses=masses,
+        resim_max_events=20_000,
+        molecule=molecule,
+    )
+    out: dict[str, Any] = {f"refined_{k}": point[k] for k in REFINED_KEYS if k in point}
     n_starts = refined.converged.size
     # Yardsticks of exact recovery: every atom within 1e-5 bohr of the truth and a
     # momentum residual <= 1e-8.
@@ -683,23 +709,24 @@ def _format_refined(metrics: Mapping[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4g}"
 
-    for key in REFINED_KEYS:
+    for key in (k for k in REFINED_KEYS if f"refined_{k}" in metrics):
         raw, ref = metrics.get(key), metrics.get(f"refined_{key}")
         lines.append(f"  {key:<18}{fmt(raw):>12}{fmt(ref):>12}")
     return "\n".join(lines)
 
 
 def _refined_samples(
-    samples: np.ndarray, momenta: np.ndarray, charges: Sequence[float]
+    samples: np.ndarray, momenta: np.ndarray, charges: Sequence[float], molecule: Molecule
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Every sample refined through the simulator, with residual, converged and solution."""
     from flowrecon.systems.cei.refine import distinct_solutions, refine_posterior
 
-    refined = refine_posterior(samples, momenta, charges=charges)
+    masses = molecule.masses
+    refined = refine_posterior(samples, momenta, charges=charges, masses=masses)
     ids = np.empty(refined.converged.shape, dtype=int)
     for i in range(ids.shape[1]):
         ids[:, i] = distinct_solutions(
-            refined.samples[:, i], refined.residual[:, i], refined.converged[:, i]
+            refined.samples[:, i], refined.residual[:, i], refined.converged[:, i], masses=masses
         ).labels
     extra = {"residual": refined.residual, "converged": refined.converged, "solution": ids}
     return refined.samples, extra
