@@ -106,3 +106,102 @@ def test_posterior_weights_take_a_callable_prior() -> None:
     by_name = posterior_weights(samples, p, log_q, 0.01, prior="ocs")
     by_callable = posterior_weights(samples, p, log_q, 0.01, prior=ocs_log_prior)
     np.testing.assert_allclose(by_callable.weights, by_name.weights)
+
+
+def _euler_coordinates(q: torch.Tensor, molecule) -> torch.Tensor:
+    """(features, alpha, beta, gamma) of relative coordinates q (3N - 3,), differentiable.
+
+    The orientation as ZYZ Euler angles of the frame whose z axis points along the second
+    Z-matrix atom's bond and whose xz plane holds the third atom's; Haar measure
+    sin(beta) dalpha dbeta dgamma, total 8 pi^2.
+    """
+
+    x = torch.cat([torch.zeros(3, dtype=q.dtype), q])
+    atoms = x.reshape(-1, 3)
+    rows = molecule.zmatrix
+    e1 = atoms[rows[1].atom] - atoms[rows[1].bond_to]
+    e1 = e1 / e1.norm()
+    beta = torch.acos(e1[2])
+    alpha = torch.atan2(e1[1], e1[0])
+    # The frame after Rz(alpha) Ry(beta); gamma turns its x axis towards the third atom.
+    ca, sa, cb, sb = torch.cos(alpha), torch.sin(alpha), torch.cos(beta), torch.sin(beta)
+    ex = torch.stack([ca * cb, sa * cb, -sb])
+    ey = torch.stack([-sa, ca, torch.zeros((), dtype=q.dtype)])
+    w = atoms[rows[2].atom] - atoms[rows[2].bond_to]
+    gamma = torch.atan2((w * ey).sum(), (w * ex).sum())
+    # The features come from numpy: rebuild them with autograd through torch instead.
+    features = _torch_features(atoms, molecule)
+    return torch.cat([features, torch.stack([alpha, beta, gamma])])
+
+
+def _torch_features(atoms: torch.Tensor, molecule) -> torch.Tensor:
+    from flowrecon.systems.cei.physics import dihedral_torch
+
+    out = []
+    for number, row in enumerate(molecule.zmatrix[1:], start=1):
+        bond = atoms[row.atom] - atoms[row.bond_to]
+        out.append(bond.norm())
+        if number < 2:
+            continue
+        axis = atoms[row.angle_to] - atoms[row.bond_to]
+        cos = (bond * axis).sum() / (bond.norm() * axis.norm())
+        out.append(torch.log(math.pi - torch.acos(cos)) if row.linear else torch.acos(cos))
+        if number >= 3:
+            out.append(dihedral_torch(atoms[row.atom], atoms[row.bond_to], atoms[row.angle_to],
+                                      atoms[row.dihedral_to]))  # fmt: skip
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", ["co2", "so2", "ch2i2", "chbrclf"])
+def test_molecule_features_jacobian_is_the_exact_change_of_measure(name) -> None:
+    """log_jacobian = log|d(features, Euler angles)/dq| + log sin(beta) - log 8 pi^2.
+
+    A density p_f over the features and the uniform (Haar) orientation give the density
+    p_f * sin(beta) / (8 pi^2) * |det J| over the relative coordinates q; the features'
+    log-Jacobian must say exactly that, for bent, linear and five-atom molecules.
+    """
+    from flowrecon.systems.cei.molecule import load_molecule
+    from flowrecon.systems.cei.prior import molecule_features
+    from flowrecon.systems.cei.zmatrix import sample_zmatrix
+
+    m = load_molecule(name)
+    x = sample_zmatrix(m, 3, torch.Generator().manual_seed(4))
+    rot = random_rotations(3, torch.Generator().manual_seed(5))
+    x = torch.einsum("bij,baj->bai", rot, x)
+    features = molecule_features(m)
+    assert features is not None
+    for geometry in x:
+        q = (geometry[1:] - geometry[0]).reshape(-1)  # the Z-matrix's first atom is atom 0
+        jac = torch.autograd.functional.jacobian(lambda v: _euler_coordinates(v, m), q)
+        angles = _euler_coordinates(q, m)
+        haar = torch.log(torch.sin(angles[-2])) - math.log(8 * math.pi**2)
+        expected = torch.linalg.slogdet(jac)[1] + haar
+        f, log_j = features(geometry.reshape(1, -1).numpy())
+        assert log_j[0] == pytest.approx(float(expected), abs=1e-7)
+        # The features themselves; dihedrals as offsets from their reference values.
+        plain = angles[:-3].detach().numpy()
+        wrapped = np.isclose(f[0], plain, atol=1e-9)
+        assert wrapped.sum() >= len(plain) - (m.n_atoms - 3)
+
+
+def test_molecule_features_of_ocs_are_the_ocs_internal_coordinates() -> None:
+    from flowrecon.systems.cei.molecule import load_molecule
+    from flowrecon.systems.cei.prior import molecule_features
+
+    x = geometries(500, 3)
+    features = molecule_features(load_molecule("ocs"))
+    assert features is not None
+    f, log_j = features(x)
+    g, log_k = internal_coordinates(x)
+    np.testing.assert_allclose(f, g, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(log_j, log_k, rtol=0, atol=1e-12)
+
+
+def test_molecule_features_refuse_the_wrong_width() -> None:
+    from flowrecon.systems.cei.molecule import load_molecule
+    from flowrecon.systems.cei.prior import molecule_features
+
+    features = molecule_features(load_molecule("chbrclf"))
+    assert features is not None
+    with pytest.raises(ValueError, match="must have 15 columns for 'chbrclf', got 9"):
+        features(np.zeros((2, 9)))

@@ -186,3 +186,73 @@ def test_refine_posterior_picks_the_solution_of_largest_posterior_mass(favoured)
     # B is not the chosen one, but it is among the solutions reported.
     assert plain.atom_error(b.numpy())[0] > 1.0
     assert plain.nearest_solution_error(b.numpy())[0] < 1e-5
+
+
+def _molecule_events(name: str, n: int, seed: int):
+    from flowrecon.systems.cei.geometry import simulate_molecule_events
+    from flowrecon.systems.cei.molecule import load_molecule
+
+    m = load_molecule(name)
+    ev = simulate_molecule_events(m, n, seed=seed)
+    x = torch.as_tensor(np.asarray(ev.positions), dtype=torch.float64)
+    return m, x, torch.as_tensor(np.asarray(ev.momenta), dtype=torch.float64)
+
+
+def _atom_error(a: torch.Tensor, b: torch.Tensor, masses) -> torch.Tensor:
+    d = remove_centre_of_mass(a, masses) - remove_centre_of_mass(b, masses)
+    return d.reshape(len(a), len(masses), 3).norm(dim=-1).amax(1)
+
+
+@pytest.mark.parametrize("name", ["so2", "ch2i2", "chbrclf"])
+def test_refine_recovers_any_molecule(name):
+    """3N - 3 relative coordinates through the molecule's own simulator, 3 to 5 atoms."""
+    m, truth, momenta = _molecule_events(name, 40, seed=3)
+    start = truth + 0.02 * torch.randn(truth.shape, generator=_gen(2), dtype=torch.float64)
+    result = refine(start, momenta, masses=m.masses, charges=m.charges)
+    assert result.positions.shape == truth.shape
+    assert result.converged.float().mean() >= 0.95
+    err = _atom_error(result.positions, truth, m.masses)
+    assert (err[result.converged] < 1e-5).float().mean() >= 0.95
+    # The residual is that of the molecule's own simulator, not a three-atom one.
+    from flowrecon.systems.cei.explosion import final_momenta
+
+    resim = final_momenta(result.positions, m.masses, m.charges)
+    rel = (resim - momenta).norm(dim=1) / momenta.norm(dim=1)
+    torch.testing.assert_close(rel, result.residual, rtol=1e-3, atol=1e-12)
+
+
+def test_refine_posterior_with_a_bank_finds_five_atom_solutions():
+    from flowrecon.systems.cei.refine import StartBank
+
+    m, x_bank, p_bank = _molecule_events("chbrclf", 1000, seed=4)
+    _, truth, momenta = _molecule_events("chbrclf", 20, seed=5)
+    bank = StartBank(x_bank, p_bank, m.masses, m.frame)
+    # A bank finds its own events again, in their own orientation.
+    again = torch.as_tensor(bank.starts(p_bank[:5], k=1)[0])
+    assert _atom_error(again, x_bank[:5], m.masses).max() < 1e-9
+    # Posterior samples 0.1 bohr off: too far for most to converge alone.
+    g = _gen(6)
+    samples = truth[None] + 0.1 * torch.randn((3, *truth.shape), generator=g, dtype=torch.float64)
+    refined = refine_posterior(samples, momenta, charges=m.charges, masses=m.masses, bank=bank)
+    assert refined.best.shape == (20, 15)
+    assert (refined.nearest_solution_error(truth.numpy()) <= 1e-5).mean() >= 0.9
+    assert refined.masses == m.masses
+
+
+def test_solution_log_mass_of_a_five_atom_molecule():
+    m, truth, _ = _molecule_events("chbrclf", 4, seed=7)
+    flat = solution_log_mass(truth, lambda x: np.zeros(len(x)), charges=m.charges,
+                             masses=m.masses)  # fmt: skip
+    assert flat.shape == (4,) and np.isfinite(flat).all()
+    # A prior that prefers one geometry moves its mass by exactly the prior's difference.
+    prior = solution_log_mass(truth, lambda x: np.arange(len(x), dtype=float),
+                              charges=m.charges, masses=m.masses)  # fmt: skip
+    np.testing.assert_allclose(prior - flat, np.arange(4.0), atol=1e-9)
+
+
+def test_refine_names_the_width_a_molecule_needs():
+    m, truth, momenta = _molecule_events("chbrclf", 2, seed=8)
+    with pytest.raises(ValueError, match=r"shape \(B, 15\) for 5 atoms; got \(2, 9\)"):
+        refine(truth[:, :9], momenta[:, :9], masses=m.masses, charges=m.charges)
+    with pytest.raises(ValueError, match="one charge per atom"):
+        refine(truth, momenta, masses=m.masses, charges=m.charges[:3])
