@@ -155,6 +155,21 @@ def test_sample_reads_the_molecule_from_the_run(runs, data, tmp_path):
     assert len(table) == 15
 
 
+def test_sample_refines_a_five_atom_molecule(runs, data, tmp_path):
+    out = tmp_path / "s.csv"
+    m = load_molecule("chbrclf")
+    momenta = pd.read_parquet(data["chbrclf"])
+    momenta[list(m.momentum_columns)].head(4).to_csv(tmp_path / "p.csv", index=False)
+    _ok("sample", "--run", runs["chbrclf"], "--data", tmp_path / "p.csv", "--n", 3, "--out",
+        out, "--refine", "--quiet")  # fmt: skip
+    table = pd.read_csv(out)
+    assert {"residual", "converged", "solution"} <= set(table.columns)
+    assert len(table) == 12 and table["converged"].mean() >= 0.5
+    # A converged draw explains the momenta: its solution id is a real one.
+    assert (table.loc[table["converged"], "solution"] >= 0).all()
+    assert (table.loc[table["converged"], "residual"] < 1e-8).all()
+
+
 def test_a_toml_molecule_is_kept_in_the_run(data, tmp_path):
     sim = tmp_path / "nh3.parquet"
     _ok("simulate", "--molecule", data["toml"], "--n", 200, "--out", sim, "--quiet")
