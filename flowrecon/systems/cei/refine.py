@@ -88,6 +88,19 @@ def _masses(masses: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(masses, dtype=like.dtype, device=like.device)
 
 
+def _cpu64(v: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A float64 CPU tensor of ``v``; numpy input is copied (it may be read-only)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().to("cpu", torch.float64)
+    return torch.from_numpy(np.array(v, dtype=np.float64))
+
+
+def _numpy(v: np.ndarray | torch.Tensor, dtype: type = float) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    return np.asarray(v, dtype=dtype)
+
+
 def _check_molecule(masses: Sequence[float], charges: Sequence[float]) -> None:
     if len(masses) < 2 or len(charges) != len(masses):
         raise ValueError(
@@ -298,9 +311,9 @@ def distinct_solutions(
         merge_tol: distance below which two solutions are one, bohr.
     """
     m = np.asarray(masses, dtype=float)
-    original = np.asarray(torch.as_tensor(refined).cpu(), dtype=float).reshape(-1, 3 * len(m))
-    res = np.asarray(torch.as_tensor(residual).cpu(), dtype=float)
-    ok = np.asarray(torch.as_tensor(converged).cpu(), dtype=bool)
+    original = _numpy(refined).reshape(-1, 3 * len(m))
+    res = _numpy(residual)
+    ok = _numpy(converged, bool)
     x = original.reshape(len(original), len(m), 3)
     x = x - (m[None, :, None] * x).sum(1, keepdims=True) / m.sum()
     reps: list[int] = []
@@ -417,7 +430,7 @@ def solution_log_mass(
         positions: solutions (S, 3N), bohr.
         log_prior: log prior density of geometries (S, 3N) -> (S,).
     """
-    x = torch.as_tensor(np.asarray(torch.as_tensor(positions).cpu(), dtype=float))
+    x = _cpu64(positions)
     m = _masses(masses, x)
     q, com = _to_relative(x, m)
     jac = _jacobian(q, com, m, charges, compile=False, coarse=False)  # the full grid
@@ -458,8 +471,8 @@ class StartBank:
         from flowrecon.systems.cei.frames import choose_frame_atoms, to_frame
         from flowrecon.systems.cei.physics import remove_centre_of_mass
 
-        x = torch.as_tensor(np.asarray(torch.as_tensor(positions).cpu(), dtype=float))
-        p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
+        x = _cpu64(positions)
+        p = _cpu64(momenta)
         width = 3 * len(masses)
         if x.dim() != 2 or x.shape != p.shape or x.shape[1] != width or len(x) == 0:
             raise ValueError(
@@ -488,7 +501,7 @@ class StartBank:
         """Geometries of the k known events nearest in frame momenta, (k, B, 3N), bohr."""
         from flowrecon.systems.cei.frames import from_frame, to_frame
 
-        p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
+        p = _cpu64(momenta)
         if p.dim() != 2 or p.shape[1] != self.keys.shape[1]:
             raise ValueError(
                 f"momenta must have shape (B, {self.keys.shape[1]}), got {tuple(p.shape)}"
@@ -517,7 +530,7 @@ def template_starts(
     """
     from flowrecon.systems.cei.physics import coulomb_potential, kinetic_energy
 
-    p = torch.as_tensor(np.asarray(torch.as_tensor(momenta).cpu(), dtype=float))
+    p = _cpu64(momenta)
     m = torch.as_tensor(masses, dtype=p.dtype)
     atoms = p.reshape(len(p), len(m), 3)
     ke = kinetic_energy(p, masses)
@@ -595,8 +608,8 @@ def refine_posterior(
     """
     import time
 
-    raw = np.asarray(torch.as_tensor(samples).cpu(), dtype=float)
-    p = np.asarray(torch.as_tensor(momenta).cpu(), dtype=float)
+    raw = _numpy(samples)
+    p = _numpy(momenta)
     b, width = len(p), 3 * len(masses)
     if raw.ndim != 3 or raw.shape[1:] != (b, width) or p.shape != (b, width):
         raise ValueError(
