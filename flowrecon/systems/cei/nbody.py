@@ -175,7 +175,7 @@ def _rsqrt(x: torch.Tensor) -> torch.Tensor:
 def _component_step(n_atoms: int) -> Callable:
     """The RK step over per-component lists of ``(B,)`` tensors, for ``torch.compile``.
 
-    The same arithmetic as :func:`_rk_step`, unrolled over pairs and components: every
+    The same method as :func:`_rk_step`, unrolled over pairs and components: every
     operation is element-wise on ``(B,)`` tensors, so that the whole step fuses into one
     vectorised loop over the batch, with the state in registers instead of a pass through
     memory per operation. Couplings ``k`` (P,) and inverse masses ``inv_m`` (N,) are
@@ -186,9 +186,8 @@ def _component_step(n_atoms: int) -> Callable:
     plus = [[p for p, (_, j) in enumerate(pairs) if j == a] for a in range(n_atoms)]
     minus = [[p for p, (i, _) in enumerate(pairs) if i == a] for a in range(n_atoms)]
 
-    def derivative(b, u, sigma, t_s, k, inv_m):
-        t = t_s * torch.expm1(sigma)
-        dt_dsigma = t + t_s
+    def accelerations(b, u, t, dt_dsigma, k, inv_m):
+        """du/dsigma; db/dsigma is -t times it."""
         x = [bi + ui * t for bi, ui in zip(b, u)]
         forces = []  # per pair: k d / |d|^3 * dt/dsigma, three components
         for p, (i, j) in enumerate(pairs):
@@ -201,19 +200,26 @@ def _component_step(n_atoms: int) -> Callable:
             for c in range(3):
                 total = sum(forces[p][c] for p in plus[a]) - sum(forces[p][c] for p in minus[a])
                 du.append(inv_m[a] * total)
-        return [-v * t for v in du], du
+        return du
 
     def step(b, u, sigma, h, t_s, k, inv_m):
-        stages = []
+        # Each stage keeps du/dsigma and its time t only: b moves by -(h a t) du, one
+        # per-event factor for all components, instead of a stored -t du per component
+        # (fewer multiplications and fewer values live across the stages).
+        kus, times = [], []
         for c, row in zip(_DP_C, _DP_A):
             bs, us = list(b), list(u)
-            for a, (kb, ku) in zip(row, stages):
-                bs = [x + (h * a) * y for x, y in zip(bs, kb)]
+            for a, ku, t in zip(row, kus, times):
+                f = (h * a) * t
+                bs = [x - f * y for x, y in zip(bs, ku)]
                 us = [x + (h * a) * y for x, y in zip(us, ku)]
-            stages.append(derivative(bs, us, sigma + c * h, t_s, k, inv_m))
-        for weight, (kb, ku) in zip(_DP_B, stages):
+            t = t_s * torch.expm1(sigma + c * h)
+            kus.append(accelerations(bs, us, t, t + t_s, k, inv_m))
+            times.append(t)
+        for weight, ku, t in zip(_DP_B, kus, times):
             if weight:
-                b = [x + (h * weight) * y for x, y in zip(b, kb)]
+                f = (h * weight) * t
+                b = [x - f * y for x, y in zip(b, ku)]
                 u = [x + (h * weight) * y for x, y in zip(u, ku)]
         return b, u
 
