@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# This checkout's flowrecon, not an installed one: the script's own folder comes first
+# on sys.path, not the working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_results  # noqa: E402
 

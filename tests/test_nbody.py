@@ -227,6 +227,11 @@ def test_compiled_path_matches_eager(dtype):
     assert _relative_error(_explode(y, other, compile=True, chunk_size=8192), eager, 5).max() < (
         1e-12 if dtype == torch.float64 else 1e-5
     )
+    # Initial momenta take the compiled set-up's other branch.
+    p0 = 2.0 * torch.randn(y.shape, generator=_gen(31), dtype=torch.float64).to(dtype)
+    eager = _explode(y, other, initial_momenta=p0, compile=False)
+    fused = _explode(y, other, initial_momenta=p0, compile=True, chunk_size=8192)
+    assert _relative_error(fused, eager, 5).max() < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("name", PRESETS)

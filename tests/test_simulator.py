@@ -189,6 +189,44 @@ def test_compiled_path_matches_eager(ocs_events):
     assert _relative_error(asymptotic_momenta(x, compile=True), p).max() < 1e-12
 
 
+def _with_collinear(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with two exactly collinear events appended (along z and along x)."""
+    line = torch.tensor(
+        [[0.0, 0, 0, 0, 0, -2.19, 0, 0, 2.95], [0.0, 0, 0, -2.19, 0, 0, 2.95, 0, 0]],
+        dtype=x.dtype,
+    )
+    return torch.cat([x, line])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("events", ["ocs_events", "ball_events"])
+def test_fused_float32_path_matches_eager(events, request):
+    # Float32 batches from rest run set-up and tail compiled too (~10 s to compile).
+    x = _with_collinear(request.getfixturevalue(events)[0]).float()
+    settings = IntegratorSettings(steps=12, sigma_end=6.0, grid_power=1.0)
+    eager = asymptotic_momenta(x, settings=settings, compile=False)
+    fused = asymptotic_momenta(x, settings=settings, compile=True)
+    assert fused.dtype == torch.float32 and fused.shape == x.shape
+    assert _relative_error(fused.double(), eager.double()).max() < 1e-5
+    # Collinear events stay on their line (the fallback plane axis).
+    assert fused[-2].reshape(3, 3)[:, :2].abs().max() < 1e-6 * fused[-2].abs().max()
+    assert fused[-1].reshape(3, 3)[:, 1:].abs().max() < 1e-6 * fused[-1].abs().max()
+    assert total_momentum(fused.double()).abs().max() < 1e-5 * fused.abs().max()
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fast_mode_error_level(compile):
+    # The "fast" accuracy level for OCS (12 float32 steps): ~1e-5 median against DOP853.
+    from flowrecon.systems.cei.nbody import molecule_momenta
+
+    x = sample_ocs(16, _gen(7))
+    ref = reference_momenta(x.numpy(), None, (2, 2, 2), MASSES, t_end=1e12)
+    err = _relative_error(molecule_momenta(x, "ocs", accuracy="fast", compile=compile), ref)
+    assert np.median(err) < 3e-5
+    assert err.max() < 1e-4
+    assert np.median(err) > 1e-7  # float32 on a coarse grid, not the high path
+
+
 # --- geometry samplers and data sets -------------------------------------------------
 
 

@@ -158,23 +158,24 @@ def _time_scale(x: torch.Tensor, v: torch.Tensor | None, plan: _Plan) -> torch.T
 
 
 def _rsqrt(x: torch.Tensor) -> torch.Tensor:
-    """``1 / sqrt(x)``; in float64 from a float32 estimate and two Newton steps.
+    """``1 / sqrt(x)``; in float64 from a float32 estimate and one Newton step.
 
     A float64 square root and division cost about five times their float32 versions on
-    the vector units, and the fused N-body step does little else: the float32 estimate
-    (relative error ~1e-7) refined twice by r <- r (3 - x r^2) / 2 is exact to a few ulp.
+    the vector units, and the fused N-body step does little else. The float32 estimate
+    is correctly rounded (relative error e < 6e-8); one step r <- r (3 - x r^2) / 2
+    leaves 1.5 e^2 < 1e-14, a million times below the integrator's own error, so a
+    second step would only cost time.
     """
     if x.dtype != torch.float64:
         return torch.rsqrt(x)
     r = torch.rsqrt(x.to(torch.float32)).to(torch.float64)
-    r = r * (1.5 - 0.5 * x * r * r)
     return r * (1.5 - 0.5 * x * r * r)
 
 
 def _component_step(n_atoms: int) -> Callable:
     """The RK step over per-component lists of ``(B,)`` tensors, for ``torch.compile``.
 
-    The same arithmetic as :func:`_rk_step`, unrolled over pairs and components: every
+    The same method as :func:`_rk_step`, unrolled over pairs and components: every
     operation is element-wise on ``(B,)`` tensors, so that the whole step fuses into one
     vectorised loop over the batch, with the state in registers instead of a pass through
     memory per operation. Couplings ``k`` (P,) and inverse masses ``inv_m`` (N,) are
@@ -185,9 +186,8 @@ def _component_step(n_atoms: int) -> Callable:
     plus = [[p for p, (_, j) in enumerate(pairs) if j == a] for a in range(n_atoms)]
     minus = [[p for p, (i, _) in enumerate(pairs) if i == a] for a in range(n_atoms)]
 
-    def derivative(b, u, sigma, t_s, k, inv_m):
-        t = t_s * torch.expm1(sigma)
-        dt_dsigma = t + t_s
+    def accelerations(b, u, t, dt_dsigma, k, inv_m):
+        """du/dsigma; db/dsigma is -t times it."""
         x = [bi + ui * t for bi, ui in zip(b, u)]
         forces = []  # per pair: k d / |d|^3 * dt/dsigma, three components
         for p, (i, j) in enumerate(pairs):
@@ -200,26 +200,98 @@ def _component_step(n_atoms: int) -> Callable:
             for c in range(3):
                 total = sum(forces[p][c] for p in plus[a]) - sum(forces[p][c] for p in minus[a])
                 du.append(inv_m[a] * total)
-        return [-v * t for v in du], du
+        return du
 
     def step(b, u, sigma, h, t_s, k, inv_m):
-        stages = []
+        # Each stage keeps du/dsigma and its time t only: b moves by -(h a t) du, one
+        # per-event factor for all components, instead of a stored -t du per component
+        # (fewer multiplications and fewer values live across the stages).
+        kus, times = [], []
         for c, row in zip(_DP_C, _DP_A):
             bs, us = list(b), list(u)
-            for a, (kb, ku) in zip(row, stages):
-                bs = [x + (h * a) * y for x, y in zip(bs, kb)]
+            for a, ku, t in zip(row, kus, times):
+                f = (h * a) * t
+                bs = [x - f * y for x, y in zip(bs, ku)]
                 us = [x + (h * a) * y for x, y in zip(us, ku)]
-            stages.append(derivative(bs, us, sigma + c * h, t_s, k, inv_m))
-        for weight, (kb, ku) in zip(_DP_B, stages):
+            t = t_s * torch.expm1(sigma + c * h)
+            kus.append(accelerations(bs, us, t, t + t_s, k, inv_m))
+            times.append(t)
+        for weight, ku, t in zip(_DP_B, kus, times):
             if weight:
-                b = [x + (h * weight) * y for x, y in zip(b, kb)]
+                f = (h * weight) * t
+                b = [x - f * y for x, y in zip(b, ku)]
                 u = [x + (h * weight) * y for x, y in zip(u, ku)]
         return b, u
 
     return step
 
 
-_COMPILED: dict[int, Callable] = {}
+def _component_start(n_atoms: int) -> Callable:
+    """Centre-of-mass state and t_s of a chunk, by component, for ``torch.compile``.
+
+    The same quantities as the eager set-up of :func:`_explode_chunk` (and
+    :func:`_time_scale`): positions ``(B, N, 3)`` and optional initial velocities to
+    per-component lists of ``(B,)`` tensors ``b`` and ``u``, the event time scales and
+    the centre-of-mass velocity (None from rest).
+    """
+    pairs = atom_pairs(n_atoms)
+
+    def start(x, v0, k, m, mu_min):
+        total = sum(m[a] for a in range(n_atoms))
+        com = [sum(m[a] * x[:, a, c] for a in range(n_atoms)) / total for c in range(3)]
+        b = [x[:, a, c] - com[c] for a in range(n_atoms) for c in range(3)]
+        if v0 is None:
+            v_com = None
+            u = [torch.zeros_like(b[0]) for _ in b]
+        else:
+            v_com = [sum(m[a] * v0[:, a, c] for a in range(n_atoms)) / total for c in range(3)]
+            u = [v0[:, a, c] - v_com[c] for a in range(n_atoms) for c in range(3)]
+        energy, shortest = 0.0, None
+        for p, (i, j) in enumerate(pairs):
+            dist = torch.sqrt(sum((b[3 * j + c] - b[3 * i + c]) ** 2 for c in range(3)))
+            energy = energy + k[p] / dist
+            shortest = dist if shortest is None else torch.minimum(shortest, dist)
+        if v0 is not None:
+            kinetic = [m[a] * u[3 * a + c] ** 2 for a in range(n_atoms) for c in range(3)]
+            energy = energy + 0.5 * sum(kinetic)
+        return b, u, shortest / torch.sqrt(2 * energy / mu_min), v_com
+
+    return start
+
+
+def _component_finish(n_atoms: int) -> Callable:
+    """Analytic tail and momenta ``(B, N, 3)`` from per-component state, for ``torch.compile``.
+
+    The same arithmetic as :func:`_coulomb_tail` and the end of :func:`_explode_chunk`.
+    """
+    pairs = atom_pairs(n_atoms)
+
+    def finish(b, u, t_end, k, m, v_com):
+        r = [bi + ui * t_end for bi, ui in zip(b, u)]
+        kick = [0.0] * len(u)
+        for p, (i, j) in enumerate(pairs):
+            d = [r[3 * j + c] - r[3 * i + c] for c in range(3)]
+            v = [u[3 * j + c] - u[3 * i + c] for c in range(3)]
+            dd = torch.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+            vv = torch.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+            s = dd * vv + (d[0] * v[0] + d[1] * v[1] + d[2] * v[2])
+            i0, i1 = k[p] / (dd * s), k[p] / (vv * s)
+            for c in range(3):
+                impulse = i0 * d[c] + i1 * v[c]
+                kick[3 * j + c] = kick[3 * j + c] + impulse
+                kick[3 * i + c] = kick[3 * i + c] - impulse
+        atoms = []
+        for a in range(n_atoms):
+            vel = [u[3 * a + c] + kick[3 * a + c] / m[a] for c in range(3)]
+            if v_com is not None:
+                vel = [vc + w for vc, w in zip(vel, v_com)]
+            atoms.append(torch.stack([m[a] * vc for vc in vel], -1))
+        return torch.stack(atoms, 1)
+
+    return finish
+
+
+_COMPILED: dict[tuple[str, int], Callable] = {}
 
 #: Inductor fuses at most this many nodes into one kernel by default (64); the unrolled
 #: step of a five-atom molecule has thousands, and split into many kernels it streams its
@@ -227,46 +299,49 @@ _COMPILED: dict[int, Callable] = {}
 _FUSION_LIMIT = 1 << 16
 
 
-def _compiled_step(n_atoms: int) -> Callable:
-    if n_atoms not in _COMPILED:
-        _COMPILED[n_atoms] = torch.compile(_component_step(n_atoms), dynamic=False)
-    compiled = _COMPILED[n_atoms]
+def _compiled(kind: str, n_atoms: int) -> Callable:
+    """The compiled step, start or finish for ``n_atoms`` atoms (one compilation each).
 
-    def run(*args):
-        # Compilation happens lazily, at a call: the setting must hold around every call.
-        with torch._inductor.config.patch(max_fusion_size=_FUSION_LIMIT):
-            return compiled(*args)
+    Compilation happens lazily, at a call: call it inside :func:`_fusion_setting`.
+    """
+    key = (kind, n_atoms)
+    if key not in _COMPILED:
+        make = {"step": _component_step, "start": _component_start, "finish": _component_finish}
+        _COMPILED[key] = torch.compile(make[kind](n_atoms), dynamic=False)
+    return _COMPILED[key]
 
-    return run
+
+def _fusion_setting():
+    """Inductor's fusion limit raised, around a chunk's calls (once, not at every step)."""
+    return torch._inductor.config.patch(max_fusion_size=_FUSION_LIMIT)
 
 
-def _integrate(
-    b: torch.Tensor,
-    u: torch.Tensor,
-    t_s: torch.Tensor,
-    plan: _Plan,
-    settings: IntegratorSettings,
-    compiled: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the sigma grid on states ``(N, 3, B)``; returns the final ``(b, u)``."""
+def _grid_steps(settings: IntegratorSettings, like: torch.Tensor) -> list:
+    """``(sigma, h)`` of every step as 0-d tensors (inputs, not constants, when compiled)."""
     grid = settings.grid()
-    opts = {"dtype": b.dtype, "device": b.device}
-    steps = [
+    opts = {"dtype": like.dtype, "device": like.device}
+    return [
         (torch.tensor(s0, **opts), torch.tensor(s1 - s0, **opts))
         for s0, s1 in zip(grid[:-1], grid[1:])
     ]
-    if not compiled:
-        for sigma, h in steps:
-            b, u = _rk_step(b, u, sigma, h, t_s, plan)
-        return b, u
-    step = _compiled_step(plan.n_atoms)
-    k, inv_m = plan.k[:, 0].contiguous(), (1 / plan.m).contiguous()
-    bl = [c for atom in b for c in atom]  # contiguous (B,) views, batch innermost
-    ul = [c for atom in u for c in atom]
-    for sigma, h in steps:
-        bl, ul = step(bl, ul, sigma, h, t_s, k, inv_m)
-    shape = b.shape
-    return torch.stack(bl).reshape(shape), torch.stack(ul).reshape(shape)
+
+
+def _explode_chunk_fused(
+    x: torch.Tensor, v0: torch.Tensor | None, plan: _Plan, settings: IntegratorSettings
+) -> torch.Tensor:
+    """:func:`_explode_chunk` through the compiled start, steps and finish.
+
+    Every stage works on per-component ``(B,)`` tensors and fuses into one loop over the
+    batch; the set-up and tail in eager mode would cost as much as ten fused steps.
+    """
+    k, m, inv_m = plan.k[:, 0].contiguous(), plan.m.contiguous(), (1 / plan.m).contiguous()
+    with _fusion_setting():
+        b, u, t_s, v_com = _compiled("start", plan.n_atoms)(x, v0, k, m, plan.mu_min)
+        step = _compiled("step", plan.n_atoms)
+        for sigma, h in _grid_steps(settings, x):
+            b, u = step(b, u, sigma, h, t_s, k, inv_m)
+        t_end = t_s * math.expm1(settings.grid()[-1])
+        return _compiled("finish", plan.n_atoms)(b, u, t_end, k, m, v_com)
 
 
 def _explode_chunk(
@@ -277,6 +352,8 @@ def _explode_chunk(
     compiled: bool,
 ) -> torch.Tensor:
     """Asymptotic momenta (B, N, 3) of positions (B, N, 3) and initial velocities."""
+    if compiled:
+        return _explode_chunk_fused(x, v0, plan, settings)
     m = plan.m
     com = (m[:, None] * x).sum(1, keepdim=True) / m.sum()
     # (B, N, 3) -> (N, 3, B): the batch innermost, for vectorised element-wise kernels.
@@ -288,7 +365,8 @@ def _explode_chunk(
         v_com = (m[:, None] * v0).sum(1, keepdim=True) / m.sum()
         u = (v0 - v_com).permute(1, 2, 0).contiguous()
     t_s = _time_scale(b, None if v0 is None else u, plan)
-    b, u = _integrate(b, u, t_s, plan, settings, compiled)
+    for sigma, h in _grid_steps(settings, x):
+        b, u = _rk_step(b, u, sigma, h, t_s, plan)
     t_end = t_s * math.expm1(settings.grid()[-1])
     u = _coulomb_tail(b + u * t_end, u, plan)
     velocity = u.permute(2, 0, 1)
@@ -297,8 +375,8 @@ def _explode_chunk(
     return velocity * m[:, None]
 
 
-#: Operating points: ``high`` (float64, ~1e-8 relative momentum error) and ``fast``
-#: (float32 and a coarse grid, ~1e-5, several times faster).
+#: Operating points: ``high`` (float64, ~1e-8 relative momentum error for three atoms,
+#: ~5e-8 for more) and ``fast`` (float32 and a coarse grid, ~1e-5, several times faster).
 ACCURACIES: tuple[str, ...] = ("high", "fast")
 
 
@@ -318,30 +396,43 @@ def default_settings(
 
     The time scale t_s follows the fastest pair; a pair of heavy, weakly charged ions
     finishes later by about the square root of the ratio of their reduced-mass-to-
-    coupling ratios, so the grid end grows with the logarithm of that ratio (by 1.4 and
-    1.1 times it for the two operating points, the factors that minimised the error on
-    CH2I2 and CHBrClF at a fixed number of steps; nothing for OCS-like molecules, where
-    the ratio is below 2).
+    coupling ratios, so the grid end grows with the logarithm of that ratio (nothing for
+    OCS-like molecules, where the ratio is below 2). The step counts are the fewest that
+    keep each operating point's error level on the presets (against DOP853, 100 events
+    on each of two seeds; ``benchmarks/simulate_molecules.py``):
+
+    - ``high``, three atoms: 56 steps to sigma = 9.5 (grid power 1.5), the planar
+      simulator's own grid (OCS bit for bit), ~5e-9. More atoms: 44 steps to
+      sigma = 9.5 + 1.1 log(ratio) (power 1.2), 4e-8..6e-8 median and below 1.5e-7 for
+      CH2I2 and CHBrClF (the analytic tail's error sets the grid end: further out,
+      the steps get coarser; nearer, the tail misses more).
+    - ``fast`` (float32), three atoms: 12 uniform steps to sigma = 6, ~1e-5 median for
+      OCS and 1e-6..3e-6 for CO2, N2O, SO2 and D2O. More atoms: 20 uniform steps to
+      sigma = 7 + 1.1 log(ratio), 1e-6..5e-6.
 
     Args:
         masses, charges: The molecule's, one per atom.
-        accuracy: ``"high"`` (56 steps to sigma = 9.5, the three-atom simulator's grid,
-            for float64) or ``"fast"`` (20 uniform steps to sigma = 7, for float32).
+        accuracy: ``"high"`` (for float64) or ``"fast"`` (for float32).
 
     Example:
         >>> from flowrecon.systems.cei.molecule import load_molecule
         >>> m = load_molecule("ch2i2")
-        >>> round(default_settings(m.masses, m.charges).sigma_end, 2)
-        12.88
+        >>> s = default_settings(m.masses, m.charges)
+        >>> s.steps, round(s.sigma_end, 2)
+        (44, 12.16)
     """
     if accuracy not in ACCURACIES:
         raise ValueError(f"accuracy must be one of {', '.join(ACCURACIES)}, got {accuracy!r}")
     spread = _time_scale_spread(masses, charges)
     longer = math.log(spread) if spread > 2.0 else 0.0
     if accuracy == "fast":
+        if len(masses) == 3:
+            return IntegratorSettings(steps=12, sigma_end=6.0 + 1.1 * longer, grid_power=1.0)
         return IntegratorSettings(steps=20, sigma_end=7.0 + 1.1 * longer, grid_power=1.0)
-    base = IntegratorSettings()
-    return IntegratorSettings(base.steps, base.sigma_end + 1.4 * longer, base.grid_power)
+    if len(masses) == 3:
+        base = IntegratorSettings()
+        return IntegratorSettings(base.steps, base.sigma_end + 1.4 * longer, base.grid_power)
+    return IntegratorSettings(steps=44, sigma_end=9.5 + 1.1 * longer, grid_power=1.2)
 
 
 def _as_atoms(value: Array, name: str, n_atoms: int, dtype, device) -> torch.Tensor:
@@ -475,9 +566,10 @@ def molecule_momenta(
         molecule: A Molecule or a preset name / TOML file.
         initial_momenta: Optional initial momenta, e.g. zero-point motion.
         charges: The explosion channel; default the molecule's.
-        accuracy: ``"high"`` (float64, ~1e-8 relative momentum error) or ``"fast"``
-            (integrates in float32 on a coarse grid, ~1e-5, several times faster; the
-            result keeps the input's dtype).
+        accuracy: ``"high"`` (float64; median relative momentum error ~5e-9 for three
+            atoms, ~5e-8 for five) or ``"fast"`` (integrates in float32 on a coarse grid,
+            ~1e-5, five to eight times faster; the result keeps the input's dtype). See
+            :func:`default_settings` for the grids and the errors measured on the presets.
         settings: Integrator grid; default :func:`default_settings` for ``accuracy``.
         compile: See :func:`explode` and ``asymptotic_momenta``.
         progress: Show a progress bar.
