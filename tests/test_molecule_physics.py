@@ -93,3 +93,8 @@ def test_bad_index_lists():
         bond_angles(x, [(0, 1, 1)])
     with pytest.raises(ValueError, match="chirality centre"):
         handedness(x, 0, 1, 2, 3)
+
+
+def test_zero_geometries_have_the_molecule_width() -> None:
+    x = sample_molecule("chbrclf", 0, torch.Generator().manual_seed(0))
+    assert tuple(x.shape) == (0, 15)

@@ -80,7 +80,7 @@ def _centre_and_orient(
     if rotate:
         rot = random_rotations(x.shape[0], generator, dtype=x.dtype, device=x.device)
         x = x @ rot.transpose(1, 2)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], x.shape[1] * 3)
 
 
 def sample_ocs(
