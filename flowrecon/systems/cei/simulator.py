@@ -275,13 +275,18 @@ def _explode_planar_fused(
     finish = _compiled("planar_finish", _planar_finish)
     b, t_s, e_a, e_b = start(x, tuple(k), mu_min)
     u = [torch.zeros_like(b[0]) for _ in range(4)]
-    step = _stepper(True)
+    b, u = _run_grid(_stepper(True), b, u, t_s, k, w, settings, x)
+    return finish(b, u, t_s * math.expm1(settings.grid()[-1]), e_a, e_b, k, w, m)
+
+
+def _run_grid(step: Callable, b, u, t_s, k, w, settings: IntegratorSettings, like: torch.Tensor):
+    """Steps the state ``(b, u)`` over the settings' sigma grid."""
     grid = settings.grid()
     for s0, s1 in zip(grid[:-1], grid[1:]):
-        sigma = torch.tensor(s0, dtype=x.dtype, device=x.device)
-        h = torch.tensor(s1 - s0, dtype=x.dtype, device=x.device)
+        sigma = torch.tensor(s0, dtype=like.dtype, device=like.device)
+        h = torch.tensor(s1 - s0, dtype=like.dtype, device=like.device)
         b, u = step(b, u, sigma, h, t_s, k, w)
-    return finish(b, u, t_s * math.expm1(grid[-1]), e_a, e_b, k, w, m)
+    return b, u
 
 
 def _compiled(name: str, fn: Callable) -> Callable:
@@ -367,14 +372,9 @@ def _explode_chunk(
     m = masses
     t_s = _time_scale(pair_d, kk, potential, kinetic_rel, m)
 
-    step = _stepper(compiled)
-    grid = settings.grid()
-    for s0, s1 in zip(grid[:-1], grid[1:]):
-        sigma = torch.tensor(s0, dtype=x.dtype, device=x.device)
-        h = torch.tensor(s1 - s0, dtype=x.dtype, device=x.device)
-        b, u = step(b, u, sigma, h, t_s, k, w)
+    b, u = _run_grid(_stepper(compiled), b, u, t_s, k, w, settings, x)
 
-    t_end = t_s * math.expm1(grid[-1])
+    t_end = t_s * math.expm1(settings.grid()[-1])
     r = [bi + ui * t_end for bi, ui in zip(b, u)]
     u = _coulomb_tail(r, u, k, w)
 
