@@ -84,18 +84,9 @@ def internal_coordinates(positions: Any) -> tuple[np.ndarray, np.ndarray]:
     atoms = x.reshape(*x.shape[:-1], 3, 3)
     r1, r2 = atoms[..., 1, :] - atoms[..., 0, :], atoms[..., 2, :] - atoms[..., 0, :]
     d1, d2 = r1.norm(dim=-1), r2.norm(dim=-1)
-    # pi - angle(r1, r2), computed directly so that nearly linear bends keep their digits.
-    bend = torch.atan2(torch.linalg.cross(r1, r2).norm(dim=-1), -(r1 * r2).sum(-1))
-    bend = bend.clamp(min=MIN_BEND)
+    bend = _bend(r1, r2)
     features = torch.stack([d1, d2, bend.log()], -1)
-    # -log b - log(sin b) = -2 log b - log(sinc), exact for nearly linear molecules.
-    log_jacobian = (
-        -2 * bend.log()
-        - torch.log(torch.sinc(bend / math.pi))
-        - _LOG_8PI2
-        - 2 * d1.log()
-        - 2 * d2.log()
-    )
+    log_jacobian = _log_bend_jacobian(bend) - _LOG_8PI2 - 2 * d1.log() - 2 * d2.log()
     return features.numpy(), log_jacobian.numpy()
 
 
@@ -103,8 +94,8 @@ def molecule_features(molecule: Molecule) -> FeatureMap | None:
     """The learned prior's features of any molecule, from its Z-matrix (see the module).
 
     Returns ``features(positions) -> (features, log_jacobian)`` for geometries
-    ``(..., 3N)`` (3N - 6 features; 3N - 5 for a linear triatomic, whose bend has two
-    dimensions), or None when the molecule has no Z-matrix or a linear row after the
+    ``(..., 3N)`` (3N - 6 features: a linear triatomic's bend azimuth is its orientation,
+    as for OCS), or None when the molecule has no Z-matrix or a linear row after the
     third, whose bend azimuth is not an orientation (its prior then stays flat).
 
     Example:
@@ -143,7 +134,7 @@ def molecule_features(molecule: Molecule) -> FeatureMap | None:
             if row.linear:  # the bend pi - theta, on a log scale, as for OCS
                 bend = _bend(bond, axis)
                 columns.append(bend.log())
-                log_jacobian = log_jacobian - 2 * bend.log() - torch.log(torch.sinc(bend / math.pi))
+                log_jacobian = log_jacobian + _log_bend_jacobian(bend)
                 continue
             theta = torch.atan2(torch.linalg.cross(bond, axis).norm(dim=-1), (bond * axis).sum(-1))
             columns.append(theta)
@@ -161,6 +152,11 @@ def _bend(bond: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
     """pi - angle(bond, axis), from atan2 so that nearly linear bends keep their digits."""
     bend = torch.atan2(torch.linalg.cross(bond, axis).norm(dim=-1), -(bond * axis).sum(-1))
     return bend.clamp(min=MIN_BEND)
+
+
+def _log_bend_jacobian(bend: torch.Tensor) -> torch.Tensor:
+    """-log b - log(sin b) of a log-bend feature: -2 log b - log(sinc), exact near linear."""
+    return -2 * bend.log() - torch.log(torch.sinc(bend / math.pi))
 
 
 def _dihedral_atoms(row: ZMatrixRow) -> tuple[int, int, int, int]:
