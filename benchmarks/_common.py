@@ -62,17 +62,20 @@ def fit_for(
     device,
     seed: int,
     transform: str | None = None,
+    hparams: dict | None = None,
 ):
     """Make ``name`` and train it for at most ``minutes`` of wall-clock time.
 
     The same recipe in every benchmark: cosine learning-rate schedule over the budget, no
     early stopping (the budget ends training), the best validation state restored.
-    ``transform`` is the pair transform (a System's own, e.g. ``system.transform``).
+    ``transform`` is the pair transform (a System's own, e.g. ``system.transform``);
+    ``hparams`` override the model's defaults and the benchmark's ``SETTINGS``.
     """
     import flowrecon as fr
 
     frame = {} if transform is None else {"transform": transform}
-    model = fr.make(name, **SETTINGS.get(name, {}), **frame, device=str(device), seed=seed)
+    chosen = {**SETTINGS.get(name, {}), **(hparams or {})}
+    model = fr.make(name, **chosen, **frame, device=str(device), seed=seed)
     model.fit(
         x,
         y,

@@ -85,8 +85,8 @@ def evaluate_molecule(
     print(f"[{name}, noise {noise:g}, {model_name}] simulated {len(x) + len(xt):,} events in "
           f"{simulate_s:.1f} s; training for at most {args.minutes:g} min", flush=True)  # fmt: skip
     model = fit_for(model_name, x, y, minutes=args.minutes, batch_size=args.batch_size,
-                    lr=args.lr, device=device, seed=args.seed,
-                    transform=system.transform)  # fmt: skip
+                    lr=args.lr, device=device, seed=args.seed, transform=system.transform,
+                    hparams=_hparams(model_name, args.hparam))  # fmt: skip
     samples = np.asarray(model.sample(yt, n=args.samples, seed=args.seed))
     metrics = cei_metrics(
         samples, xt, yt, charges=m.charges, molecule=m, resim_max_events=args.n_test
@@ -116,6 +116,14 @@ def evaluate_molecule(
         "load_average_after": os.getloadavg(),
         **refined,
     }
+
+
+def _hparams(model_name: str, pairs: list[str] | None) -> dict:
+    """``--hparam KEY=VALUE`` options, checked and typed against ``model_name``."""
+    from flowrecon.registry import coerce_hparams
+
+    raw = dict(p.split("=", 1) for p in pairs or [])
+    return coerce_hparams(model_name, raw)
 
 
 def refine_metrics(system, molecule, samples, x, y, xt, yt, seed: int) -> dict:
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget a model")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--hparam", action="append", metavar="KEY=VALUE", help="model hyper-parameter (repeat)"
+    )
     parser.add_argument("--noise", type=float, action="append", help="relative momentum noise")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,8 @@ import torch
 from flowrecon.preprocessing import Pipeline, available_transforms, make_pair_transform
 from flowrecon.systems.cei.frames import (
     choose_frame_atoms,
+    choose_mirror_atom,
+    mirrored,
     molecule_frame,
     momentum_frame,
     to_frame,
@@ -186,6 +188,83 @@ def test_pipeline_saves_and_rebuilds_the_frame():
     assert torch.allclose(again.encode_x(x, p), pipe.encode_x(x, p))
     decoded = again.decode_x(pipe.encode_x(x, p), p)
     assert torch.allclose(decoded, remove_centre_of_mass(x, m.masses), atol=1e-9)
+
+
+# --- reflections: one side of the frame plane for both mirror images --------------------
+
+MIRROR = np.diag([1.0, 1.0, -1.0])  # reflection through the lab xy plane
+
+
+def _reflect(v: torch.Tensor) -> torch.Tensor:
+    return to_frame(v, torch.as_tensor(MIRROR))
+
+
+@pytest.mark.parametrize("name", ["ocs", "co2", "n2o", "so2", "d2o"])
+def test_planar_molecules_are_never_reflected(name, data):
+    m, x, p = data[name]
+    assert choose_mirror_atom(p, m.frame) is None
+    assert MoleculeFrameTransform(m).fit(x, p).mirror is None
+
+
+@pytest.mark.parametrize("name", ["ch2i2", "chbrclf"])
+def test_mirror_images_share_frame_coordinates(name, data):
+    m, x, p = data[name]
+    t = MoleculeFrameTransform(m).fit(x, p)
+    assert t.mirror is not None and t.mirror not in m.frame
+    # The mirror image of every event (positions and momenta reflected) lands on the same
+    # frame coordinates, and the plain frame would put it on the other side.
+    xr, pr = _reflect(x), _reflect(p)
+    assert torch.allclose(t.forward_x(xr, pr), t.forward_x(x, p), atol=1e-10)
+    assert torch.allclose(t.forward_y(pr), t.forward_y(p), atol=1e-10)
+    plain = MoleculeFrameTransform(m, mirror=False).fit(x, p)
+    z = plain.forward_x(x, p).reshape(-1, m.n_atoms, 3)[..., 2]
+    zr = plain.forward_x(xr, pr).reshape(-1, m.n_atoms, 3)[..., 2]
+    assert torch.allclose(zr, -z, atol=1e-10) and z.abs().max() > 0.5
+    # The mirror atom's momentum points to +e3 in every event; the transform stays exact.
+    pf = t.forward_y(p).reshape(-1, m.n_atoms, 3)
+    assert (pf[:, t.mirror, 2] >= 0).all()
+    assert torch.allclose(t.inverse_x(t.forward_x(x, p), p), x, atol=1e-12)
+    # With one sign, the out-of-plane coordinates spread far less than the plain frame's.
+    spread = t.forward_x(x, p).reshape(-1, m.n_atoms, 3)[..., 2].std(0)
+    assert (spread < 0.3 * z.std(0)).all()
+
+
+def test_mirrored_frame_is_orthonormal_and_keeps_e3_on_the_plane(data):
+    m, _, p = data["chbrclf"]
+    R = mirrored(molecule_frame(p, m.frame), p, 2)
+    eye = torch.eye(3, dtype=R.dtype).expand_as(R)
+    assert torch.allclose(R @ R.transpose(-1, -2), eye, atol=1e-12)
+    assert set(torch.linalg.det(R).round().tolist()) == {-1.0, 1.0}
+    # A momentum exactly in the plane keeps e3.
+    q = torch.tensor([[1.0, 0, 0, 0, 1, 0, 1, 1, 0]], dtype=torch.float64)
+    assert torch.equal(mirrored(molecule_frame(q, (0, 1)), q, 2), molecule_frame(q, (0, 1)))
+
+
+def test_mirror_options_state_and_old_saved_models(data):
+    m, x, p = data["chbrclf"]
+    t = make_pair_transform("cei-molecule-frame:3,0,4").fit(x, p)
+    assert (t.reference, t.mirror) == ((3, 0), 4)
+    assert make_pair_transform("cei-molecule-frame:3,0,none").fit(x, p).mirror is None
+    fitted = MoleculeFrameTransform(m).fit(x, p)
+    again = MoleculeFrameTransform()
+    again.load_state_dict(fitted.state_dict())
+    assert torch.equal(again.forward_x(x, p), fitted.forward_x(x, p))
+    # A model saved before reflections existed has no "mirror" and was trained without.
+    old = MoleculeFrameTransform()
+    old.load_state_dict({"n_atoms": 5, "reference": [3, 0]})
+    assert old.mirror is None
+    plain = MoleculeFrameTransform(m, mirror=False).fit(x, p)
+    assert torch.equal(old.forward_x(x, p), plain.forward_x(x, p))
+
+
+def test_mirror_bad_input(data):
+    m, x, p = data["chbrclf"]
+    with pytest.raises(ValueError, match=r"A,B\[,C\] takes two different atom indices"):
+        make_pair_transform("cei-molecule-frame:3,0,x")
+    with pytest.raises(ValueError, match=r"other than the reference atoms \(3, 0\), got 0"):
+        MoleculeFrameTransform(m, mirror=0).fit(x, p)
+    with pytest.raises(ValueError, match="mirror atom must be an index in 0..4, got 7"):
+        mirrored(molecule_frame(p, m.frame), p, 7)
 
 
 def test_transform_bad_input(data):

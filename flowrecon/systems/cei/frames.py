@@ -223,6 +223,81 @@ def molecule_frame(p: Array, reference: tuple[int, int], tol: float | None = Non
     return _from_torch(torch.stack([e1, e2, e3], dim=-2), is_numpy)
 
 
+def mirrored(R: Array, p: Array, atom: int) -> Array:
+    """The frame ``R`` with ``e3`` reversed where atom ``atom``'s momentum has ``p . e3 < 0``.
+
+    Coulomb dynamics commutes with reflections, so a frame may be improper as well as
+    rotated: with the sign of ``e3`` taken from a third atom's momentum, both mirror images
+    of a non-planar molecule (the two enantiomers of CHBrClF, the two ways the hydrogens
+    of CH2I2 can sit) land on the same side of the ``e1 e2`` plane. In the plain frame the
+    out-of-plane coordinates take either sign depending on the event, a two-valued
+    function of the momenta that a model must learn; reflected, they are one-signed. The
+    rows stay orthonormal (``det R = -1`` where reflected), so :func:`to_frame` and
+    :func:`from_frame` work unchanged and the transform's ``log|det|`` stays 0. Events with
+    ``p . e3 = 0`` keep ``e3``.
+
+    Args:
+        R: Frames ``(..., 3, 3)`` (rows ``e1, e2, e3``).
+        p: Momenta ``(..., 3N)`` of the same events.
+        atom: Index of the atom whose momentum fixes the sign of ``e3``.
+
+    Example:
+        >>> import numpy as np
+        >>> p = np.array([1.0, 0, 0, 0, 1, 0, 0, 0, -1, -1, -1, 1])
+        >>> R = molecule_frame(p, (0, 1))
+        >>> mirrored(R, p, 2)[2].tolist()
+        [-0.0, -0.0, -1.0]
+    """
+    (rt, pt), is_numpy = _to_torch(R, p)
+    _check_rotation(rt)
+    _check_atoms(pt, "p")
+    n_atoms = pt.shape[-1] // 3
+    if not 0 <= int(atom) < n_atoms:
+        raise ValueError(f"the mirror atom must be an index in 0..{n_atoms - 1}, got {atom}")
+    side = (as_atoms(pt)[..., int(atom), :] * rt[..., 2, :]).sum(-1)
+    sign = torch.where(side < 0, -1.0, 1.0).to(rt.dtype)
+    out = torch.cat([rt[..., :2, :], rt[..., 2:, :] * sign[..., None, None]], dim=-2)
+    return _from_torch(out, is_numpy)
+
+
+def choose_mirror_atom(p: Array, reference: tuple[int, int], threshold: float = 0.05) -> int | None:
+    """The atom whose momentum best fixes the side of the frame plane, or None if planar.
+
+    Every atom but the reference pair is scored by the median over events of
+    ``|p . e3| / |p|`` in the frame of ``reference``. The best one is returned if its
+    score is at least ``threshold``; a planar molecule (every triatomic, whose momenta
+    stay in the plane of its atoms) scores about 0, or the relative noise of its momenta,
+    and gets None: no reflection.
+
+    Example:
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> p = rng.normal(size=(100, 12))   # four atoms, momenta in every direction
+        >>> choose_mirror_atom(p, (0, 1)) in (2, 3)
+        True
+        >>> p[:, 2::3] = 0.0                 # every momentum in the xy plane
+        >>> choose_mirror_atom(p, (0, 1)) is None
+        True
+    """
+    (pt,), _ = _to_torch(p)
+    _check_atoms(pt, "p")
+    pa = pt.reshape(-1, pt.shape[-1]).detach().double()
+    if pa.shape[0] == 0:
+        raise ValueError("choose_mirror_atom needs at least one event")
+    e3 = molecule_frame(pa, reference)[..., 2, :]
+    atoms = as_atoms(pa)
+    best, best_score = None, float(threshold)
+    for c in range(atoms.shape[-2]):
+        if c in reference:
+            continue
+        norm = torch.linalg.vector_norm(atoms[:, c], dim=-1)
+        ratio = (atoms[:, c] * e3).sum(-1).abs() / norm.clamp_min(torch.finfo(pa.dtype).tiny)
+        score = float(ratio.median())
+        if score >= best_score + (1e-12 if best is not None else 0.0):
+            best, best_score = c, score
+    return best
+
+
 def choose_frame_atoms(p: Array) -> tuple[int, int]:
     """The reference atoms ``(a, b)`` whose momenta are least collinear over a data set.
 

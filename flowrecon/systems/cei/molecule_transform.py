@@ -3,14 +3,19 @@
 Like `flowrecon.systems.cei.transform.MomentumFrameTransform` (OCS), but for N atoms:
 the frame (`flowrecon.systems.cei.frames.molecule_frame`) is built from the momenta y
 alone, ``e1`` along one reference atom's momentum and ``e2`` from another's, so it is
-known at inference time and never leaks x. It only rotates (``log|det| = 0``); the
+known at inference time and never leaks x. It rotates, and for non-planar molecules
+also reflects: ``e3`` points to the side of the ``e1 e2`` plane where a third atom's
+momentum points (`flowrecon.systems.cei.frames.mirrored`), so that both mirror images
+of a molecule share one set of out-of-plane coordinates. Either way ``log|det| = 0``; the
 whitening that follows drops the directions the data do not fill (centre of mass,
 out-of-plane coordinates of planar molecules). The reference atoms are the molecule's
 own (``frame`` in its file), or, when none are given, chosen in ``fit`` from the training
-momenta (`flowrecon.systems.cei.frames.choose_frame_atoms`). By name the reference atoms
-are given as ``cei-molecule-frame:A,B`` (atom indices; the CEI system names its
-molecule's that way). The state is two integers and the number of atoms, so a saved
-model rebuilds the same frame.
+momenta (`flowrecon.systems.cei.frames.choose_frame_atoms`); the mirror atom is chosen
+in ``fit`` (`flowrecon.systems.cei.frames.choose_mirror_atom`, none for planar
+molecules). By name the reference atoms are given as ``cei-molecule-frame:A,B`` (atom
+indices; the CEI system names its molecule's that way), and ``A,B,C`` also fixes the
+mirror atom, ``A,B,none`` turns reflection off. The state is a few integers, so a saved
+model rebuilds the same frame; models saved before reflections existed load without one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from flowrecon.preprocessing import PairTransform
-from flowrecon.systems.cei.frames import choose_frame_atoms, from_frame, molecule_frame, to_frame
+from flowrecon.systems.cei.frames import (
+    choose_frame_atoms,
+    choose_mirror_atom,
+    from_frame,
+    mirrored,
+    molecule_frame,
+    to_frame,
+)
 from flowrecon.systems.cei.molecule import Molecule, load_molecule
 
 __all__ = ["MoleculeFrameTransform"]
@@ -34,25 +46,33 @@ class MoleculeFrameTransform(PairTransform):
         molecule: A Molecule or preset name: fixes N and, if it names them, the frame's
             reference atoms. None learns N (and the atoms) from the data in ``fit``.
         reference: Reference atom indices ``(a, b)``, overriding the molecule's.
+        mirror: The atom whose momentum fixes the side of ``e3``; True chooses it in
+            ``fit`` (none for planar molecules), False never reflects.
 
     Example:
         >>> import torch
         >>> t = MoleculeFrameTransform("chbrclf")
-        >>> x, y = torch.randn(4, 15, dtype=torch.float64), torch.randn(4, 15, dtype=torch.float64)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(2, 4, 15, dtype=torch.float64, generator=g)
         >>> t = t.fit(x, y)
         >>> torch.allclose(t.inverse_x(t.forward_x(x, y), y), x)
         True
         >>> t.state_dict()
-        {'n_atoms': 5, 'reference': [3, 0]}
+        {'n_atoms': 5, 'reference': [3, 0], 'mirror': 2}
     """
 
     name: ClassVar[str] = "cei-molecule-frame"
 
     def __init__(
-        self, molecule: Molecule | str | None = None, reference: Sequence[int] | None = None
+        self,
+        molecule: Molecule | str | None = None,
+        reference: Sequence[int] | None = None,
+        mirror: int | bool = True,
     ) -> None:
         self.n_atoms: int | None = None
         self.reference: tuple[int, int] | None = None
+        # True: choose in fit; after fit an atom index or None (no reflection).
+        self.mirror: int | bool | None = None if mirror is False else mirror
         if molecule is not None:
             m = load_molecule(molecule)
             self.n_atoms, self.reference = m.n_atoms, m.frame
@@ -61,18 +81,29 @@ class MoleculeFrameTransform(PairTransform):
 
     @classmethod
     def from_options(cls, text: str) -> MoleculeFrameTransform:
-        """The transform named ``cei-molecule-frame:A,B``: reference atoms A and B.
+        """The transform ``cei-molecule-frame:A,B[,C]``: reference atoms, mirror atom.
 
         Example:
             >>> MoleculeFrameTransform.from_options("3,0").reference
             (3, 0)
+            >>> MoleculeFrameTransform.from_options("3,0,none").mirror is None
+            True
         """
         parts = [p.strip() for p in text.split(",")]
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or parts[0] == parts[1]:
+        pair, rest = parts[:2], parts[2:]
+        third_ok = not rest or (len(rest) == 1 and (rest[0].isdigit() or rest[0] == "none"))
+        if (
+            len(pair) != 2
+            or not all(p.isdigit() for p in pair)
+            or pair[0] == pair[1]
+            or not third_ok
+        ):
             raise ValueError(
-                f"transform {cls.name}:A,B takes two different atom indices, got {text!r}"
+                f"transform {cls.name}:A,B[,C] takes two different atom indices and "
+                f"optionally a mirror atom index or 'none', got {text!r}"
             )
-        return cls(reference=(int(parts[0]), int(parts[1])))
+        mirror: int | bool = True if not rest else (False if rest[0] == "none" else int(rest[0]))
+        return cls(reference=(int(pair[0]), int(pair[1])), mirror=mirror)
 
     def fit(self, x: Tensor, y: Tensor) -> MoleculeFrameTransform:
         width = y.shape[-1]
@@ -95,12 +126,26 @@ class MoleculeFrameTransform(PairTransform):
                 f"frame reference atoms must be two different indices in 0..{self.n_atoms - 1}, "
                 f"got {self.reference}"
             )
+        if self.mirror is True:
+            self.mirror = choose_mirror_atom(y, self.reference)
+        elif self.mirror is not None and (
+            self.mirror in self.reference or not 0 <= self.mirror < self.n_atoms
+        ):
+            raise ValueError(
+                f"the mirror atom must be an index in 0..{self.n_atoms - 1} other than the "
+                f"reference atoms {self.reference}, got {self.mirror}"
+            )
         return self
 
     def _frame(self, y: Tensor) -> Tensor:
         if self.reference is None:
             raise ValueError("MoleculeFrameTransform is not fitted: call fit(x, y) first")
-        return molecule_frame(y, self.reference)
+        frame = molecule_frame(y, self.reference)
+        if self.mirror is None:
+            return frame
+        if self.mirror is True:
+            raise ValueError("MoleculeFrameTransform is not fitted: call fit(x, y) first")
+        return mirrored(frame, y, self.mirror)
 
     def forward_y(self, y: Tensor) -> Tensor:
         return to_frame(y, self._frame(y))
@@ -116,9 +161,13 @@ class MoleculeFrameTransform(PairTransform):
         return {
             "n_atoms": self.n_atoms,
             "reference": None if self.reference is None else list(self.reference),
+            "mirror": None if self.mirror is True else self.mirror,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n_atoms = state["n_atoms"]
         ref = state["reference"]
         self.reference = None if ref is None else (int(ref[0]), int(ref[1]))
+        # Models saved before reflections existed were trained without one.
+        mirror = state.get("mirror")
+        self.mirror = None if mirror is None else int(mirror)
