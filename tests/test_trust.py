@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import warnings
 
 import numpy as np
@@ -251,6 +252,35 @@ def test_calibration_keeps_the_posterior_mean_in_place(flow, monkeypatch) -> Non
     assert record["mean_error_after"] <= 1.1 * record["mean_error_before"]
     moved = np.abs(flow.sample(y, n=30, seed=0, temperature=t).mean(0) - plain).max()
     assert moved < 0.5
+
+
+def test_a_slow_sampler_calibrates_on_fewer_rows_within_its_time(flow, monkeypatch) -> None:
+    x, y = toy(1000, seed=3)
+    original = flow.estimator_.sample
+
+    def slow(n, ym, temperature=1.0):  # ~2 ms a row: 1,000 rows a round would take 2 s
+        time.sleep(2e-3 * ym.shape[0])
+        return original(n, ym, temperature=temperature)
+
+    monkeypatch.setattr(flow.estimator_, "sample", slow)
+    monkeypatch.setattr(flow, "temperature_", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        flow.calibrate(x, y, n=30, max_seconds=1.0)
+        seconds = time.perf_counter() - t0
+    record = flow.calibration_
+    # Three planned rounds of 1 s in all: ~160 rows, never fewer than 50.
+    assert record["rows_limited_by_time"] is True
+    assert 50 <= record["rows"] <= 250
+    assert seconds < 8.0  # eight rounds on every row would take 16 s
+    # Without a budget every row is used, and nothing is said about time.
+    monkeypatch.setattr(flow.estimator_, "sample", original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flow.calibrate(x, y, n=30)
+    assert flow.calibration_["rows"] == 1000
+    assert flow.calibration_["rows_limited_by_time"] is False
 
 
 def test_calibration_record_is_saved(flow, tmp_path) -> None:
