@@ -107,7 +107,8 @@ def test_resimulation_uses_the_molecule_simulator():
 def test_transform_options_by_name():
     assert resolve_transform("cei-molecule-frame:3,0") == "cei-molecule-frame:3,0"
     assert make_pair_transform("cei-molecule-frame:3,0").reference == (3, 0)
-    with pytest.raises(ValueError, match="takes two different atom indices, got 'a,b'"):
+    message = "two different atom indices and optionally a mirror atom index or 'none', got 'a,b'"
+    with pytest.raises(ValueError, match=message):
         make_pair_transform("cei-molecule-frame:a,b")
     with pytest.raises(ValueError, match="'cei-momentum-frame' takes no options"):
         make_pair_transform("cei-momentum-frame:1")
