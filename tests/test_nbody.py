@@ -116,6 +116,19 @@ def test_rotation_equivariance(n_atoms):
     assert _relative_error(pr, turn(p), n_atoms).max() < 1e-9
 
 
+@pytest.mark.parametrize("n_atoms", [4, 5])
+def test_reflection_equivariance(n_atoms):
+    # Coulomb dynamics commutes with reflections too: the molecule frame relies on it when
+    # it maps both mirror images of a non-planar molecule onto one side of its plane.
+    x, masses, charges = _system(n_atoms)
+    mirror = torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=x.dtype))
+    flip = lambda v: (v.reshape(-1, n_atoms, 3) @ mirror).reshape(v.shape)  # noqa: E731
+    p = explode(x, masses=masses, charges=charges)
+    pr = explode(flip(x), masses=masses, charges=charges)
+    assert _relative_error(pr, flip(p), n_atoms).max() < 1e-9
+    assert _relative_error(pr, p, n_atoms).max() > 1e-3  # the molecules are not planar
+
+
 @pytest.mark.parametrize("n_atoms", [3, 4, 5])
 @pytest.mark.parametrize("scale", [0.5, 2.0, 10.0])
 def test_coulomb_scaling_law(n_atoms, scale):
