@@ -51,6 +51,22 @@ SETTINGS: dict[str, dict] = {
 }
 
 
+def add_run_arguments(parser) -> None:
+    """The options every CEI accuracy benchmark shares: data sizes, training, noise, device.
+
+    ``--n-train``, ``--n-test``, ``--samples``, ``--batch-size``, ``--lr``, ``--noise``
+    (repeatable), ``--device`` and ``--seed``, with the same defaults everywhere.
+    """
+    parser.add_argument("--n-train", type=int, default=200_000)
+    parser.add_argument("--n-test", type=int, default=2_000)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--noise", type=float, action="append", help="relative momentum noise")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def fit_for(
     name: str,
     x,

@@ -41,7 +41,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, fit_for, markdown_table, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_run_arguments,
+    environment,
+    fit_for,
+    markdown_table,
+    write_results,
+)
 
 from flowrecon.base import resolve_device  # noqa: E402
 from flowrecon.evaluation.metrics import robust_summary  # noqa: E402
@@ -164,18 +170,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--molecules", default="all", help="comma-separated presets, or all")
     parser.add_argument("--models", default="zuko-nsf", help="comma-separated model names")
-    parser.add_argument("--n-train", type=int, default=200_000)
-    parser.add_argument("--n-test", type=int, default=2_000)
-    parser.add_argument("--samples", type=int, default=100)
+    add_run_arguments(parser)
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget a model")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--hparam", action="append", metavar="KEY=VALUE", help="model hyper-parameter (repeat)"
     )
-    parser.add_argument("--noise", type=float, action="append", help="relative momentum noise")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true",
         help="co2 and chbrclf, 5,000 events, 200 test events, 0.1 min a model; "
