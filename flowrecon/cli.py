@@ -612,8 +612,11 @@ def fit(
         if not run.config.get("fit_options", {}).get("calibrate", True):
             how = f"not calibrated: system {run.config['system']['name']} fits without it"
         click.echo(
-            f"{model}: {result['epochs']} epochs in {time.perf_counter() - start:.0f} s "
-            f"({result['stopped']}), best validation loss {result['best_val_loss']:.4g} "
+            # Training time apart from the whole: the condition density, the learned prior
+            # and calibration follow the training budget (--max-minutes) and add to it.
+            f"{model}: {result['epochs']} epochs in {result['seconds']:.0f} s of training "
+            f"({result['stopped']}; {time.perf_counter() - start:.0f} s in all), best "
+            f"validation loss {result['best_val_loss']:.4g} "
             f"at epoch {result['best_epoch']}; sampling temperature "
             f"{result['temperature']:.3g} ({how})"
         )

@@ -115,7 +115,8 @@ def _tiny_fit_args(data: str, out) -> list[str]:
 
 def test_fit_writes_a_run_directory(runner, small_data, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(main, _tiny_fit_args(small_data, out))
+    args = [a for a in _tiny_fit_args(small_data, out) if a != "--quiet"]
+    result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     for name in (
         "model.pt", "config.json", "split.npz", "history.csv", "history.json",
@@ -124,6 +125,10 @@ def test_fit_writes_a_run_directory(runner, small_data, tmp_path):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["hparams"]["hidden"] == 16 and config["training"]["epochs"] == 3
+    # The summary separates the training time from the whole fit's.
+    trained = round(config["result"]["seconds"])
+    assert f"3 epochs in {trained} s of training (completed; " in result.output
+    assert " s in all), best validation loss " in result.output
     assert config["split"] == {"seed": 0, "train": 280, "val": 60, "test": 60}
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 3 and {"train_loss", "val_loss"} <= set(history.columns)
