@@ -128,8 +128,10 @@ def _hparams(model_name: str, pairs: list[str] | None) -> dict:
     """``--hparam KEY=VALUE`` options, checked and typed against ``model_name``."""
     from flowrecon.registry import coerce_hparams
 
-    raw = dict(p.split("=", 1) for p in pairs or [])
-    return coerce_hparams(model_name, raw)
+    bad = [p for p in pairs or [] if "=" not in p]
+    if bad:
+        raise ValueError(f"--hparam takes KEY=VALUE, got {bad[0]!r}")
+    return coerce_hparams(model_name, dict(p.split("=", 1) for p in pairs or []))
 
 
 def refine_metrics(system, molecule, samples, x, y, xt, yt, seed: int) -> dict:

@@ -138,14 +138,11 @@ class MoleculeFrameTransform(PairTransform):
         return self
 
     def _frame(self, y: Tensor) -> Tensor:
-        if self.reference is None:
+        # Unfitted: no reference atoms yet, or a mirror atom still to be chosen.
+        if self.reference is None or self.mirror is True:
             raise ValueError("MoleculeFrameTransform is not fitted: call fit(x, y) first")
         frame = molecule_frame(y, self.reference)
-        if self.mirror is None:
-            return frame
-        if self.mirror is True:
-            raise ValueError("MoleculeFrameTransform is not fitted: call fit(x, y) first")
-        return mirrored(frame, y, self.mirror)
+        return frame if self.mirror is None else mirrored(frame, y, self.mirror)
 
     def forward_y(self, y: Tensor) -> Tensor:
         return to_frame(y, self._frame(y))
