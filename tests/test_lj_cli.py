@@ -116,7 +116,7 @@ def test_simulate_bad_values(tmp_path, extra, message):
 def test_fit_records_lj_choices_and_keeps_chains_whole(lj_run, lj_data):
     config = json.loads(open(f"{lj_run}/config.json").read())
     assert config["system"]["name"] == "lj"
-    assert config["preprocessing"]["transform"] == "lj-chamber-d3-L3"
+    assert config["preprocessing"]["transform"] == "lj-box-d3-L3"
     assert config["fit_options"] == {
         "calibrate": False,
         "condition_density": False,
@@ -143,7 +143,7 @@ def test_evaluate_reports_physics_per_condition(lj_run, tmp_path):
     for c in conditions:
         for key in ("energy_w1", "energy_diff", "overlap_fraction", "ess"):
             assert key in c, key
-        assert c["outside_fraction"] == 0.0  # the chamber transform keeps draws inside
+        assert c["outside_fraction"] == 0.0  # the box transform keeps draws inside
     assert np.isfinite(metrics["nll"])
     assert 0.0 <= metrics["anomaly_auc"] <= 1.0 and metrics["anomaly_auc_energy"] > 0.55
     assert "latent_silhouette" not in metrics  # a flow has no encoder
@@ -161,10 +161,37 @@ def test_sample_takes_conditions_only(lj_run, tmp_path):
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out)
     # No condition density for LJ, so no in_domain column; guarded draws: none unresolved.
-    assert list(table.columns) == ["event", "sample", *COORDS, "unresolved"]
+    extra = ["drawn_in_order", "min_distance", "unresolved"]
+    assert list(table.columns) == ["event", "sample", *COORDS, *extra]
     assert table["event"].tolist() == [0, 0, 0, 1, 1, 1]
     heights = table[[f"z{i}" for i in range(4)]].to_numpy()
     assert (np.diff(heights, axis=1) >= 0).all()  # canonical order: sorted by height
+    conf = table[COORDS].to_numpy().reshape(-1, 4, 3)
+    r = np.linalg.norm(conf[:, :, None] - conf[:, None], axis=-1) + 9 * np.eye(4)
+    np.testing.assert_allclose(table["min_distance"], r.min((1, 2)))
+
+
+def test_sample_relaxes_draws_at_their_own_conditions(lj_run, tmp_path):
+    conditions = tmp_path / "conditions.csv"
+    pd.DataFrame({"gamma": [0.2, 1.0], "temperature": [1.5, 1.5]}).to_csv(conditions)
+    tables = {}
+    for sweeps in (0, 30):
+        out = tmp_path / f"draws{sweeps}.parquet"
+        args = ["sample", "--run", lj_run, "--data", str(conditions), "--n", "200"]
+        args += ["--out", str(out), "--set", f"relax_sweeps={sweeps}"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        tables[sweeps] = pd.read_parquet(out)
+    raw, relaxed = tables[0], tables[30]
+    assert (relaxed["drawn_in_order"] == raw["drawn_in_order"]).all()  # same draws
+    assert (np.diff(relaxed[[f"z{i}" for i in range(4)]].to_numpy(), axis=1) >= 0).all()
+    # Metropolis separates overlapping pairs (r < 0.8 costs tens of epsilon).
+    assert (relaxed["min_distance"] < 0.8).mean() < max((raw["min_distance"] < 0.8).mean(), 0.01)
+    assert ((relaxed[COORDS] > 0) & (relaxed[COORDS] < 3)).all().all()
+    args[args.index(str(out))] = str(tmp_path / "bad.parquet")
+    bad = CliRunner().invoke(main, [*args[:-1], "relax_sweeps=-1"])
+    assert bad.exit_code != 0 and "relax_sweeps must be >= 0" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "bad.parquet").exists()
 
 
 def test_evaluate_sample_bad_values(lj_run, tmp_path):

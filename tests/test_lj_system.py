@@ -35,8 +35,11 @@ def test_factory_signature_and_options():
     assert isinstance(system, System) and system.name == "lj"
     assert system.x_columns == coordinate_columns(30, 2) and system.x_dim == 60
     assert system.y_columns == ("gamma", "temperature")
-    assert system.options["gamma"] == [0.05, 0.5] and system.transform == "lj-chamber-d2-L8"
+    assert system.options["gamma"] == [0.05, 0.5] and system.transform == "lj-box-d2-L8"
     assert make_lj(order="none").transform is None  # raw labels: no ordered chamber
+    assert make_lj(representation="chamber").transform == "lj-chamber-d3-L5"
+    with pytest.raises(ValueError, match="representation must be one of box, chamber"):
+        make_lj(representation="stick")
     assert make_lj().fit_options == {
         "calibrate": False,
         "condition_density": False,

@@ -33,9 +33,11 @@ import pandas as pd
 from flowrecon.system import EvaluationContext, System
 from flowrecon.systems.lj import data, losses
 from flowrecon.systems.lj.evaluation import METRIC_INFO, LJEvaluator, height_rmse
+from flowrecon.systems.lj.geometry import canonical_order, in_canonical_order
 from flowrecon.systems.lj.latent import ANOMALY_NOISE
-from flowrecon.systems.lj.sampler import LATTICE_MIN_SPACING
-from flowrecon.systems.lj.transform import chamber_transform_name
+from flowrecon.systems.lj.physics import min_pair_distance
+from flowrecon.systems.lj.sampler import LATTICE_MIN_SPACING, relax
+from flowrecon.systems.lj.transform import box_transform_name, chamber_transform_name
 
 __all__ = ["FIT_OPTIONS", "make_system"]
 
@@ -44,14 +46,17 @@ __all__ = ["FIT_OPTIONS", "make_system"]
 #: flow's draws are no longer configurations at the simulated temperature); the
 #: conditions are a design grid, not measurements: a density over three gamma values is
 #: three spikes that would flag every gamma between them, the interpolation asked for;
-#: and the chamber transform already keeps every draw an ordered configuration in the box,
-#: so a draw far out in model space (a particle pressed to a wall) is a configuration to
-#: judge, not a runaway to redraw (a model trained with the overlap term drew 97 % of its
+#: and the system's transform already keeps every draw inside the box, so a draw far out
+#: in model space (a particle pressed to a wall) is a configuration to judge, not a
+#: runaway to redraw (a model trained with the overlap term drew 97 % of its
 #: configurations outside the training region, and the guard would have hidden them).
 FIT_OPTIONS: dict[str, Any] = {"calibrate": False, "condition_density": False, "support": False}
 
 #: Orders of the particles in x: sorted by height, or as simulated (labelled).
 ORDERS = ("height", "none")
+
+#: Maps of ordered configurations onto R^(N D) (`flowrecon.systems.lj.transform`).
+REPRESENTATIONS = {"box": box_transform_name, "chamber": chamber_transform_name}
 
 
 def make_system(
@@ -62,6 +67,7 @@ def make_system(
     gamma: tuple[float, ...] = (0.05, 0.25, 1.0),
     temperature: tuple[float, ...] = (1.5,),
     order: str = "height",
+    representation: str = "box",
     chains: int = 0,
     thin: float = 2.0,
     target_acceptance: float = 0.4,
@@ -79,6 +85,10 @@ def make_system(
         temperature: Temperatures of the simulated grid (epsilon / k_B).
         order: ``"height"`` (canonical order, default) or ``"none"`` (the simulated,
             labelled order: the source study's raw coordinates).
+        representation: How the models see ordered configurations: ``"box"`` (each
+            coordinate through logit(c / L), default) or ``"chamber"`` (heights by
+            stick-breaking, so draws are always in order, but a fitted model puts the
+            particles too high: `flowrecon.systems.lj.transform`).
         chains: Markov chains per condition in simulations (0: automatic).
         thin: Saved configurations are ``thin`` autocorrelation times apart.
         target_acceptance: Acceptance the Metropolis step is tuned to.
@@ -90,6 +100,10 @@ def make_system(
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if int(n_particles) < 2 or not (math.isfinite(box) and box > 0):
         raise ValueError(f"need n_particles >= 2 and box > 0, got {n_particles} and {box}")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(
+            f"representation must be one of {', '.join(REPRESENTATIONS)}, got {representation!r}"
+        )
     gamma, temperature = tuple(float(g) for g in gamma), tuple(float(t) for t in temperature)
     data.condition_grid(gamma, temperature)  # raises on an empty grid
     if any(t <= 0 for t in temperature):
@@ -156,6 +170,11 @@ def make_system(
             anomaly_noise=anomaly_noise,
         )
 
+    def sampler(
+        context: EvaluationContext, samples: np.ndarray, *, relax_sweeps: int = 0
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return _sampled(context, samples, relax_sweeps, count, dim, box, ordered)
+
     options: dict[str, Any] = {
         "n_particles": count,
         "box": float(box),
@@ -163,6 +182,7 @@ def make_system(
         "gamma": list(gamma),
         "temperature": list(temperature),
         "order": order,
+        "representation": representation,
         "chains": int(chains),
         "thin": float(thin),
         "target_acceptance": float(target_acceptance),
@@ -178,9 +198,9 @@ def make_system(
         y_unit="reduced units",
         simulate=simulate,
         builtin={"n": 30_000, "seed": 1},
-        # Ordered configurations: the chamber transform maps them one-to-one onto R^(N D),
-        # so every draw is an ordered configuration inside the box.
-        transform=chamber_transform_name(dim, box) if ordered else None,
+        # Ordered configurations: the transform maps the box one-to-one onto R^(N D), so
+        # every draw is inside the box and densities stay exact.
+        transform=REPRESENTATIONS[representation](dim, box) if ordered else None,
         split=data.split,
         prepare=prepare,
         error_name="height_rmse",
@@ -188,8 +208,49 @@ def make_system(
         failure_threshold=None,
         metric_info=METRIC_INFO,
         evaluator=evaluator,
+        sampler=sampler,
         physics_terms=losses.TERMS,
         physics_loss=lambda: losses.physics_loss(count, dim, box),
         options=options,
         fit_options=FIT_OPTIONS,
     )
+
+
+def _sampled(
+    context: EvaluationContext,
+    samples: np.ndarray,
+    relax_sweeps: int,
+    count: int,
+    dim: int,
+    box: float,
+    ordered: bool,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``flowrecon sample``'s draws ``(n, B, N * D)``: relaxed if asked, then in order.
+
+    ``relax_sweeps`` Metropolis sweeps at each row's own (gamma, T) separate overlapping
+    pairs (a sweep or two) but leave the model's large-scale errors (the density profile
+    relaxes over tau, tens of sweeps). Extra columns: ``drawn_in_order`` (whether the
+    model's own draw was in canonical order; with the box transform the model learns the
+    order) and ``min_distance`` (smallest pair distance after relaxation, sigma: below
+    0.8 is an overlap the Boltzmann distribution never shows).
+    """
+    if relax_sweeps < 0:
+        raise ValueError(f"relax_sweeps must be >= 0, got {relax_sweeps}")
+    n, b = samples.shape[:2]
+    conf = np.asarray(samples, dtype=np.float64).reshape(n, b, count, dim)
+    extra = {"drawn_in_order": in_canonical_order(conf)} if ordered else {}
+    if relax_sweeps:
+        y = np.broadcast_to(np.asarray(context.y, dtype=np.float64)[None], (n, b, 2))
+        flat, _ = relax(
+            conf.reshape(n * b, count, dim),
+            y[..., 0].reshape(-1),
+            y[..., 1].reshape(-1),
+            sweeps=relax_sweeps,
+            box=box,
+            seed=context.seed,
+        )
+        conf = flat.reshape(conf.shape)
+    if ordered:
+        conf = canonical_order(conf)
+    extra["min_distance"] = min_pair_distance(conf)
+    return conf.reshape(n, b, count * dim), extra
