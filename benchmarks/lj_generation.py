@@ -6,9 +6,9 @@ Usage:
     python benchmarks/lj_generation.py --models zuko-nsf --minutes 5
 
 Data: the LJ system's built-in three-gamma set (N = 30, L = 5, gamma = 0.05, 0.25, 1.0,
-T = 1.5; 30,000 Metropolis configurations, 10,000 a condition) split by chain 70/15/15,
-and 3,000 configurations at the unseen gamma = 0.5 (simulated once and cached under
-``--data-dir``). Every model is fitted to the training chains for at most ``--minutes``
+T = 1.5; 30,000 Metropolis configurations, 10,000 a condition, or ``--n-train``) split
+by chain 70/15/15, and 3,000 configurations at the unseen gamma = 0.5 (simulated once and
+cached under ``--data-dir``). Every model is fitted to the training chains for at most ``--minutes``
 of wall-clock time (Adam, cosine schedule, batch 512, best validation state kept; no
 sampling-temperature calibration: the learned density itself is judged), then draws
 ``--draws`` configurations a condition, compared with the held-out test chains by the
@@ -20,9 +20,11 @@ system's evaluator (`flowrecon.systems.lj.evaluation`). Targets per condition:
 - after Boltzmann reweighting, the mean U/N within 3 standard errors (ESS reported);
 - at the unseen gamma = 0.5, the mean height within 5 % of Monte Carlo.
 
-Representations: ``chamber`` (default for the flows and the cVAE) = canonical order by
-height plus the chamber transform (`flowrecon.systems.lj.transform`: every draw is an
-ordered configuration inside the box), then whitening; ``ordered`` = canonical order
+Representations: ``box`` (default for the flows and the cVAE) = canonical order by
+height plus the box transform (`flowrecon.systems.lj.transform`: each coordinate through
+logit(c / L), so every draw is inside the box), then whitening; ``chamber`` (with
+--ablation) = the heights stick-broken instead, so every draw is also in order, but the
+model's errors compound into heights that are too high; ``ordered`` = canonical order
 only; ``raw`` = the simulated particle labels, no transform: the source study's plain
 VAE on raw coordinates, run as ``cvae-raw``.
 
@@ -50,7 +52,10 @@ import flowrecon as fr  # noqa: E402
 from flowrecon.system import EvaluationContext  # noqa: E402
 from flowrecon.systems.lj import make_system  # noqa: E402
 from flowrecon.systems.lj.latent import ANOMALY_NOISE  # noqa: E402
-from flowrecon.systems.lj.transform import chamber_transform_name  # noqa: E402
+from flowrecon.systems.lj.transform import (  # noqa: E402
+    box_transform_name,
+    chamber_transform_name,
+)
 
 #: Hyper-parameters for 90-dimensional configurations (defaults are sized for 9-D CEI).
 SETTINGS: dict[str, dict] = {
@@ -83,11 +88,12 @@ TARGETS = {
 }
 
 
-def load_data(data_dir: Path, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_data(data_dir: Path, n_train: int = 30_000) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The three-gamma set and the unseen gamma = 0.5 set, simulated once and cached."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    name = f"lj_three_gamma_{n_train}_seed1.parquet"
     sets = {
-        "train": (data_dir / "lj_three_gamma_30000_seed1.parquet", {}, 30_000, 1),
+        "train": (data_dir / name, {}, n_train, 1),
         "unseen": (data_dir / "lj_gamma0.5_3000_seed2.parquet", {"gamma": (0.5,)}, 3_000, 2),
     }
     out = []
@@ -104,20 +110,21 @@ ONE_PASS = ("zuko-realnvp", "freia-cinn", "freia-allinone", "cvae")
 
 
 def plan(models: list[str], ablation: bool, physics: float) -> list[dict]:
-    runs = [{"label": m, "model": m, "representation": "chamber"} for m in models]
+    runs = [{"label": m, "model": m, "representation": "box"} for m in models]
     if physics > 0:
         for run in runs:
             if run["model"] in ONE_PASS:
                 run["physics"] = physics
                 run["label"] += f" + overlap x{physics:g}"
-    if ablation:  # the first model without the chamber transform
-        runs.append(
-            {
-                "label": f"{models[0]} (ordered only)",
-                "model": models[0],
-                "representation": "ordered",
-            }
-        )
+    if ablation:  # the first model through the chamber transform, and with no transform
+        for representation in ("chamber", "ordered"):
+            runs.append(
+                {
+                    "label": f"{models[0]} ({representation})",
+                    "model": models[0],
+                    "representation": representation,
+                }
+            )
     runs.append({"label": "cvae-raw (source study)", "model": "cvae", "representation": "raw"})
     return runs
 
@@ -138,7 +145,10 @@ def fit(
         info["best_val"] = float(min(h.val.get("loss", [math.nan]) or [math.nan]))
         info.update(train_rows=len(train), test_rows=len(test), loaded=str(saved))
         return model, {"system": system, "prepared": prepared, "test": test, **info}
-    transform = chamber_transform_name(3, 5.0) if run["representation"] == "chamber" else "none"
+    transform = {
+        "box": box_transform_name(3, 5.0),
+        "chamber": chamber_transform_name(3, 5.0),
+    }.get(run["representation"], "none")
     xcols, ycols = list(system.x_columns), list(system.y_columns)
     x, y = prepared[xcols].to_numpy(), prepared[ycols].to_numpy()
     model = fr.make(
@@ -273,13 +283,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--load-models", type=Path, default=None, help="evaluate models saved here, no fitting"
     )
+    parser.add_argument(
+        "--n-train", type=int, default=30_000, help="configurations in the three-gamma set"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes, args.draws = min(args.minutes, 3.0), min(args.draws, 2000)
     torch.set_num_threads(args.threads)
-    table, unseen = load_data(args.data_dir, args.quick)
+    table, unseen = load_data(args.data_dir, args.n_train)
     runs = plan(args.models, args.ablation, args.physics)
     if args.no_raw:
         runs = [r for r in runs if r["representation"] != "raw"]
