@@ -734,7 +734,8 @@ def relax(
     *,
     sweeps: int,
     box: float,
-    step: float = 0.3,
+    step: float | None = None,
+    target_acceptance: float = 0.4,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float64",
@@ -747,7 +748,14 @@ def relax(
     (the density profile) relaxes only over about tau sweeps, so for sweeps << tau the
     result still shows the generator's large-scale errors. The chains start from
     ``conf`` ``(n, N, D)``, clipped into the box. Returns the configurations (particles
-    in their input order) and the acceptance.
+    in their input order) and the acceptance of the last half of the sweeps.
+
+    With ``step=None`` each chain tunes its own step during the first half of the sweeps
+    (log step += 2 (acceptance - target) after each sweep, from 0.3), because the right
+    step differs threefold between a dilute gas at low gravity and the packed floor at
+    high gravity, and conditions may differ from row to row; the second half runs at the
+    tuned steps, unchanged, so it is a plain Metropolis kernel of each row's Boltzmann
+    distribution. A number fixes the step for all sweeps.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -766,13 +774,22 @@ def relax(
         n_particles=n_particles,
         box=box,
         dim=dim,
-        step=min(step, box / 2),
+        step=min(0.3 if step is None else step, box / 2),
         seed=seed,
         device=device,
         dtype=_dtype(dtype),
         compile=compile,
     )
     mc.set_positions(c)
-    acc = mc.sweeps(int(sweeps)) if sweeps > 0 else torch.zeros(1)
+    tuning = 0
+    if step is None:
+        tuning = int(sweeps) // 2
+        log_step = torch.log(mc.step.double())
+        for _ in range(tuning):
+            log_step += 2.0 * (mc.sweeps(1).to(log_step) - target_acceptance)
+            log_step.clamp_(math.log(1e-3), math.log(box / 2))
+            mc.set_step(torch.exp(log_step))
+    rest = int(sweeps) - tuning
+    acc = mc.sweeps(rest) if rest > 0 else torch.zeros(1)
     out = mc.positions.to("cpu", torch.float64, copy=True).numpy()
     return out, float(acc.mean())
