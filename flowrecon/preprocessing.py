@@ -313,15 +313,31 @@ def available_transforms() -> dict[str, str]:
 
 
 def make_pair_transform(name: str) -> PairTransform:
-    """A fresh pair transform from its registered name, or ``"NAME:OPTIONS"``."""
+    """A fresh pair transform from its registered name, ``"NAME:OPTIONS"``, or a family's
+    ``"FAMILY-OPTIONS"``.
+
+    A family is a registered name whose transforms carry their options in the name itself
+    (the LJ system's ``lj-box-d3-L5`` is the family ``lj-box`` with options ``d3-L5``), so
+    that a saved model rebuilds its transform in a fresh process, before any system has
+    registered that exact name.
+    """
     known = available_transforms()
     base, sep, text = name.partition(":")
     if base not in known:
-        valid = ", ".join([*NO_TRANSFORM, *known])
-        raise ValueError(f"unknown transform {base!r}; choose one of: {valid}")
+        family = _family(base, known)
+        if family is None or sep:
+            valid = ", ".join([*NO_TRANSFORM, *known])
+            raise ValueError(f"unknown transform {base!r}; choose one of: {valid}")
+        base, sep, text = family, "-", base[len(family) + 1 :]
     module, cls = known[base].split(":")
     made = getattr(importlib.import_module(module), cls)
     return made.from_options(text) if sep else made()
+
+
+def _family(name: str, known: Mapping[str, str]) -> str | None:
+    """The longest registered name that ``name`` extends by ``-OPTIONS``, if any."""
+    families = [k for k in known if name.startswith(k + "-")]
+    return max(families, key=len) if families else None
 
 
 def resolve_transform(name: str | None) -> str | None:

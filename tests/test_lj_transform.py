@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +86,43 @@ def test_a_flow_with_the_transform_saves_loads_and_draws_valid_configurations(tm
     again = fr.load(tmp_path / "m.pt", device="cpu")
     np.testing.assert_allclose(again.sample(y[:20], n=50, seed=0), draws)
     np.testing.assert_allclose(again.log_prob(x[:10], y[:10]), model.log_prob(x[:10], y[:10]))
+
+
+@pytest.mark.parametrize("kind", NAMES)
+def test_a_saved_model_loads_in_a_fresh_process_that_never_made_the_system(tmp_path, kind):
+    # The transform's exact name (lj-box-d2-L3) is registered only when the system is
+    # made; a fresh script finds it through the family's entry point (lj-box + d2-L3).
+    x = _ordered(200, 4, 2, 3.0, seed=4).numpy()
+    y = np.random.default_rng(5).uniform(0, 1, (200, 2))
+    model = fr.make("zuko-realnvp", transforms=2, hidden=16, transform=kind(2, 3.0))
+    model.fit(x, y, epochs=1, quiet=True, calibrate=False)
+    model.save(tmp_path / "m.pt")
+    expected = model.log_prob(x[:5], y[:5])
+    np.save(tmp_path / "xy.npy", np.concatenate([x[:5], y[:5]], 1))
+    script = (
+        "import numpy as np, flowrecon as fr\n"
+        "from flowrecon.preprocessing import PAIR_TRANSFORMS\n"
+        "assert not PAIR_TRANSFORMS, PAIR_TRANSFORMS  # nothing registered at run time\n"
+        f"m = fr.load({str(tmp_path / 'm.pt')!r}, device='cpu')\n"
+        f"xy = np.load({str(tmp_path / 'xy.npy')!r})\n"
+        "print(repr(m.log_prob(xy[:, :8], xy[:, 8:]).tolist()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_allclose(eval(out.stdout), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("lj-box", "needs its dimension and box in its name"),
+        ("lj-box-d4-L5", "must read d{D}-L{L}"),
+        ("lj-chamber-d3-L0", "must read d{D}-L{L}"),
+        ("lj-boxes", "unknown transform 'lj-boxes'"),
+    ],
+)
+def test_malformed_lj_transform_names_say_what_is_expected(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_pair_transform(name)

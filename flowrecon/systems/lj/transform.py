@@ -69,6 +69,13 @@ class ChamberTransform(PairTransform):
     dim: ClassVar[int] = 3
     box: ClassVar[float] = 5.0
 
+    def __init__(self) -> None:
+        if not self.name:  # the bare family, "lj-box" without its dimension and box
+            raise ValueError(
+                "an LJ transform needs its dimension and box in its name, e.g. lj-box-d3-L5 "
+                "(box_transform_name(dim, box) makes it)"
+            )
+
     def fit(self, x: Tensor, y: Tensor) -> ChamberTransform:
         if x.shape[-1] % self.dim:
             raise ValueError(
@@ -117,6 +124,23 @@ class ChamberTransform(PairTransform):
 
     def state_dict(self) -> dict[str, Any]:
         return {"dim": self.dim, "box": self.box}
+
+    @classmethod
+    def from_options(cls, text: str) -> ChamberTransform:
+        """The transform for ``"d{D}-L{L}"``: how ``lj-chamber-d3-L5`` is rebuilt by name.
+
+        Example:
+            >>> BoxTransform.from_options("d3-L5").name
+            'lj-box-d3-L5'
+        """
+        match = re.fullmatch(r"d([123])-L([0-9.eE+-]+)", text)
+        box = float(match.group(2)) if match else math.nan
+        if match is None or not (math.isfinite(box) and box > 0):
+            raise ValueError(
+                f"LJ transform options must read d{{D}}-L{{L}} (e.g. d3-L5), got {text!r}"
+            )
+        kind = "Box" if issubclass(cls, BoxTransform) else "Chamber"
+        return _transform_class(kind, int(match.group(1)), box)()
 
 
 class BoxTransform(ChamberTransform):
