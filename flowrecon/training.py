@@ -93,7 +93,8 @@ class History:
         best: Monitored value (validation total, else train total) at ``best_epoch``.
         stopped: ``"completed"``, ``"early_stopping"``, ``"max_minutes"``, ``"non_finite"``
             or ``"interrupted"``.
-        message: Human-readable reason when training stopped early for a problem.
+        message: Human-readable reason when training stopped early for a problem, or a
+            note on how it went (`overfitting_note`).
         seconds: Wall time of the loop.
         lr: Learning rate at the end of each epoch.
     """
@@ -224,6 +225,36 @@ def training_options() -> dict[str, Any]:
     }
 
 
+def overfitting_note(history: History, rows: int) -> str:
+    """A note when the validation loss ran away from the training loss, else "".
+
+    Training kept the best validation state, but the time after it was spent memorising
+    the training rows: said when the best epoch lies in the first quarter of at least 10
+    epochs and the last validation total exceeds the best by more than 5 % (or 1 nat).
+
+    Example:
+        >>> h = History(train={"total": [9.0 - e for e in range(12)]},
+        ...             val={"total": [5.0, 4.0, 4.5] + [9.0] * 9}, best_epoch=2, best=4.0)
+        >>> overfitting_note(h, 1000)[:52]
+        'validation loss rose from 4 at epoch 2 to 9 at epoch'
+    """
+    val = history.val.get("total", [])
+    train_loss = history.train.get("total", [])
+    epochs, best = len(val), history.best
+    if epochs < 10 or not (0 < history.best_epoch <= epochs // 4) or not math.isfinite(best):
+        return ""
+    last = val[-1]
+    if not last > best + max(1.0, 0.05 * abs(best)):
+        return ""
+    return (
+        f"validation loss rose from {best:.4g} at epoch {history.best_epoch} to {last:.4g} at "
+        f"epoch {epochs} while the training loss fell to {train_loss[-1]:.4g}: the model "
+        f"overfits its {rows} training rows, and the state of epoch {history.best_epoch} was "
+        "kept. More data, a smaller model or early stopping (patience) would use the time "
+        "better."
+    )
+
+
 def train(
     estimator: Estimator,
     x: Tensor,
@@ -340,6 +371,8 @@ def train(
     )
     if history.stopped == "non_finite":
         warnings.warn(history.message, RuntimeWarning, stacklevel=2)
+    elif not history.message:
+        history.message = overfitting_note(history, len(x))
     hook = getattr(estimator, "on_fit_end", None)
     if callable(hook):
         hook(x, y)

@@ -400,3 +400,17 @@ def test_unknown_lr_schedule_message():
     est = build_cvae(2, 1, hidden_dim=8, num_layers=1, latent_dim=2)
     with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, plateau"):
         train(est, torch.randn(8, 2), torch.randn(8, 1), epochs=1, lr_schedule="step")
+
+
+def test_fit_says_when_the_model_overfits_and_stays_quiet_when_it_does_not():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(1400, 2)), rng.normal(size=(1400, 1))
+    val = (x[1000:], y[1000:])
+    small = fr.make("zuko-maf", hidden=32, device="cpu", seed=0)
+    small.fit(x[:16], y[:16], *val, epochs=60, batch_size=16, lr=1e-2, quiet=True, calibrate=False)
+    note = small.history_.message
+    assert "overfits its 16 training rows" in note
+    assert f"state of epoch {small.history_.best_epoch} was kept" in note
+    enough = fr.make("zuko-maf", hidden=16, device="cpu", seed=0)
+    enough.fit(x[:1000], y[:1000], *val, epochs=12, lr=3e-3, quiet=True, calibrate=False)
+    assert enough.history_.message == ""
