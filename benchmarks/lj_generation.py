@@ -8,7 +8,10 @@ Usage:
 Data: the LJ system's built-in three-gamma set (N = 30, L = 5, gamma = 0.05, 0.25, 1.0,
 T = 1.5; 30,000 Metropolis configurations, 10,000 a condition, or ``--n-train``) split
 by chain 70/15/15, and 3,000 configurations at the unseen gamma = 0.5 (simulated once and
-cached under ``--data-dir``). Every model is fitted to the training chains for at most ``--minutes``
+cached under ``--data-dir``). The training rows are taken with their images under the
+box's 8 horizontal symmetries (the system's ``augment``; ``--no-augment`` leaves them out,
+and the source study's raw cVAE never has them). Every model is fitted to the training
+chains for at most ``--minutes``
 of wall-clock time (Adam, cosine schedule, batch 512, best validation state kept; no
 sampling-temperature calibration: the learned density itself is judged), then draws
 ``--draws`` configurations a condition, compared with the held-out test chains by the
@@ -130,10 +133,17 @@ def plan(models: list[str], ablation: bool, physics: float) -> list[dict]:
 
 
 def fit(
-    run: dict, table: pd.DataFrame, minutes: float, seed: int, saved: Path | None = None
+    run: dict,
+    table: pd.DataFrame,
+    minutes: float,
+    seed: int,
+    saved: Path | None = None,
+    augment: bool = True,
 ) -> tuple[object, dict]:
     """Fits the run's model, or loads ``saved`` (a model this script saved) instead."""
-    system = make_system(order="none" if run["representation"] == "raw" else "height")
+    # The source study trained on its configurations as simulated: no symmetric copies.
+    raw = run["representation"] == "raw"
+    system = make_system(order="none" if raw else "height", augment=augment and not raw)
     prepared = system.prepare(table)
     train, val, test = system.split(prepared, seed)
     if saved is not None:
@@ -165,9 +175,12 @@ def fit(
             "physics_loss": system.physics_loss(),
             "physics_weights": {"overlap": run["physics"]},
         }
+    x_train, y_train = x[train], y[train]
+    if system.augment is not None:  # the box's horizontal symmetries, training rows only
+        x_train, y_train = system.augment(x_train, y_train)
     model.fit(
-        x[train],
-        y[train],
+        x_train,
+        y_train,
         x[val],
         y[val],
         **extra,
@@ -186,6 +199,7 @@ def fit(
         "epochs": model.history_.epochs,
         "best_val": float(min(model.history_.val.get("loss", [math.nan]) or [math.nan])),
         "train_rows": len(train),
+        "augmented_rows": len(x_train),
         "test_rows": len(test),
     }
     return model, {"system": system, "prepared": prepared, "test": test, **info}
@@ -286,6 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--n-train", type=int, default=30_000, help="configurations in the three-gamma set"
     )
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="train without the box's symmetric copies of the configurations",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -307,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.load_models is not None:
             saved = args.load_models / f"{run['label'].split(' ')[0]}.pt"
             print(f"   loading {saved} instead of fitting", flush=True)
-        model, info = fit(run, table, minutes, args.seed, saved)
+        model, info = fit(run, table, minutes, args.seed, saved, augment=not args.no_augment)
         info.update(minutes=minutes, load_before=load, load_after_fit=os.getloadavg())
         if args.save_models is not None:
             args.save_models.mkdir(parents=True, exist_ok=True)

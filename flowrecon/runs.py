@@ -543,8 +543,7 @@ def fit_run(
         )
         x, y = table.x, table.y
         generator.fit(
-            x[train_idx],
-            y[train_idx],
+            *_training_rows(system_obj, x[train_idx], y[train_idx]),
             x[val_idx],
             y[val_idx],
             checkpoint_path=stage / "model.pt",
@@ -573,6 +572,19 @@ def fit_run(
         _write_run_files(generator, config, stage)
     split = {"train": train_idx, "val": val_idx, "test": test_idx}
     return Run(out, generator, config, split, system_obj, prior)
+
+
+def _training_rows(system: System, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The training rows, with the system's symmetric copies where it has any."""
+    if system.augment is None:
+        return x, y
+    xa, ya = system.augment(x, y)
+    if xa.shape[1:] != x.shape[1:] or ya.shape[1:] != y.shape[1:] or len(xa) != len(ya):
+        raise ValueError(
+            f"system {system.name!r}: augment returned x {xa.shape} and y {ya.shape} for "
+            f"x {x.shape} and y {y.shape}"
+        )
+    return xa, ya
 
 
 def _fit_learned_prior(
@@ -1292,7 +1304,8 @@ def tune_run(
     if data is not None:
         sections["data"] = {"path": str(Path(data).resolve())}
     return tune(
-        model, table.x[train_idx], table.y[train_idx], table.x[val_idx], table.y[val_idx],
+        model, *_training_rows(system_obj, table.x[train_idx], table.y[train_idx]),
+        table.x[val_idx], table.y[val_idx],
         out=out, metric=metric, metric_fn=metric_fn, seed=seed, progress=progress,
         generator_options=generator, best_sections=sections,
         fit_options=dict(system_obj.fit_options), **tune_options,

@@ -203,6 +203,11 @@ class System:
         sampler: ``sampler(context, samples, **options) -> (samples, extra columns)``,
             post-processing of ``flowrecon sample`` (e.g. refinement); its keyword-only
             parameters are the sample command's options.
+        augment: ``augment(x, y) -> (x, y)``: the training rows with copies under the
+            system's exact symmetries (the LJ box's horizontal reflections and axis
+            swap), so that the model cannot memorise the rows in directions the physics
+            says are equivalent; ``fit`` and ``tune`` apply it to training rows only,
+            never to validation or test rows. None: no symmetry to use.
         physics_terms: Names of the physics loss terms.
         physics_loss: ``physics_loss() -> callable`` for `flowrecon.training.train`.
         prior_features: ``prior_features(x) -> (features, log_jacobian)``: coordinates
@@ -245,6 +250,7 @@ class System:
     summary_metrics: tuple[str, ...] = ()
     evaluator: Callable[..., Evaluator] | None = None
     sampler: Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
+    augment: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     physics_terms: tuple[str, ...] = ()
     physics_loss: Callable[[], Callable] | None = None
     prior_features: Callable[[Any], tuple[Any, Any]] | None = None

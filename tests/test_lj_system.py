@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 import flowrecon as fr
+from flowrecon.runs import fit_run
 from flowrecon.system import EvaluationContext, System, make_system
 from flowrecon.systems.lj import make_system as make_lj
-from flowrecon.systems.lj.data import coordinate_columns, simulate, split
+from flowrecon.systems.lj.data import coordinate_columns, simulate, split, symmetric_copies
 from flowrecon.systems.lj.evaluation import (
     condition_metrics,
     height_rmse,
@@ -230,3 +231,40 @@ def test_evaluator_rejects_bad_options(small_table):
             None, x.reshape(len(x), -1), small_table[["gamma", "temperature"]], 1, 0, {}
         )
         system.evaluator(context, bins=1)
+
+
+@pytest.mark.parametrize(("dim", "box", "images"), [(3, 5.0, 8), (2, 8.0, 2)])
+def test_symmetric_copies_keep_energy_heights_and_order(dim, box, images):
+    rng = np.random.default_rng(7)
+    conf = canonical_order(rng.uniform(0.2, box - 0.2, (50, 6, dim)))
+    x, y = conf.reshape(50, -1), rng.uniform(size=(50, 2))
+    xs, ys = symmetric_copies(x, y, 6, dim, box)
+    assert xs.shape == (images * 50, 6 * dim) and np.array_equal(ys, np.tile(y, (images, 1)))
+    copies = xs.reshape(images, 50, 6, dim)
+    np.testing.assert_array_equal(copies[0], conf)  # the originals first
+    for image in copies:
+        np.testing.assert_allclose(potential_energy(image, 0.7), potential_energy(conf, 0.7))
+        np.testing.assert_array_equal(image[..., -1], conf[..., -1])
+    # every image differs: no symmetry counted twice
+    assert len({copies[k].round(9).tobytes() for k in range(images)}) == images
+
+
+def test_fit_trains_on_the_symmetric_copies_of_training_rows_only(monkeypatch, tmp_path):
+    seen = {}
+    original = fr.ConditionalGenerator.fit
+
+    def spy(self, x, y, x_val=None, y_val=None, **kwargs):
+        seen.update(train=len(x), val=len(x_val))
+        return original(self, x, y, x_val, y_val, **kwargs)
+
+    monkeypatch.setattr(fr.ConditionalGenerator, "fit", spy)
+    table = make_lj(**SMALL).simulate(300, seed=4, device="cpu")
+    table.to_parquet(tmp_path / "lj.parquet")
+    for augment, factor in ((True, 8), (False, 1)):
+        run = fit_run(
+            "zuko-maf", tmp_path / f"run{augment}", system="lj",
+            system_options={**SMALL, "augment": augment}, data=tmp_path / "lj.parquet",
+            hparams={"hidden": 8, "transforms": 1}, training={"epochs": 1}, quiet=True,
+        )  # fmt: skip
+        assert seen == {"train": factor * len(run.split["train"]), "val": len(run.split["val"])}
+        assert run.config["system"]["options"]["augment"] is augment

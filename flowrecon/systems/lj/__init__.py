@@ -68,6 +68,7 @@ def make_system(
     temperature: tuple[float, ...] = (1.5,),
     order: str = "height",
     representation: str = "box",
+    augment: bool = True,
     chains: int = 0,
     thin: float = 2.0,
     target_acceptance: float = 0.4,
@@ -89,6 +90,10 @@ def make_system(
             coordinate through logit(c / L), default) or ``"chamber"`` (heights by
             stick-breaking, so draws are always in order, but a fitted model puts the
             particles too high: `flowrecon.systems.lj.transform`).
+        augment: Train on every configuration and its images under the box's
+            horizontal symmetries (8 in 3-D, 2 in 2-D; `data.symmetric_copies`): without
+            them a coupling flow memorises 21,000 training configurations within tens of
+            epochs (held-out NLL rising while the training NLL falls).
         chains: Markov chains per condition in simulations (0: automatic).
         thin: Saved configurations are ``thin`` autocorrelation times apart.
         target_acceptance: Acceptance the Metropolis step is tuned to.
@@ -170,6 +175,9 @@ def make_system(
             anomaly_noise=anomaly_noise,
         )
 
+    def symmetric(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return data.symmetric_copies(x, y, count, dim, box)
+
     def sampler(
         context: EvaluationContext, samples: np.ndarray, *, relax_sweeps: int = 0
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -183,6 +191,7 @@ def make_system(
         "temperature": list(temperature),
         "order": order,
         "representation": representation,
+        "augment": bool(augment),
         "chains": int(chains),
         "thin": float(thin),
         "target_acceptance": float(target_acceptance),
@@ -209,6 +218,7 @@ def make_system(
         metric_info=METRIC_INFO,
         evaluator=evaluator,
         sampler=sampler,
+        augment=symmetric if augment else None,
         physics_terms=losses.TERMS,
         physics_loss=lambda: losses.physics_loss(count, dim, box),
         options=options,

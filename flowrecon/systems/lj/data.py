@@ -200,6 +200,38 @@ def prepare(table: pd.DataFrame, n_particles: int, dim: int) -> pd.DataFrame:
     return out
 
 
+def symmetric_copies(
+    x: np.ndarray, y: np.ndarray, n_particles: int, dim: int, box: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(n, N * D)`` and their images under the box's horizontal symmetries.
+
+    Gravity singles out the height; the closed box [0, L]^D is symmetric under reflecting
+    any horizontal axis (c -> L - c) and, in 3-D, swapping x and y: 8 images in 3-D
+    (the square's symmetry group), 2 in 2-D. Each image has the same energy and the same
+    heights, so the same Boltzmann weight and the same canonical order. Returns the
+    images stacked (the originals first) and ``y`` repeated to match.
+
+    Example:
+        >>> x = np.array([[1.0, 2.0, 0.5, 4.0, 3.0, 1.5]])
+        >>> xs, ys = symmetric_copies(x, np.array([[0.1, 1.5]]), 2, 3, 5.0)
+        >>> xs.shape, ys.shape, xs[:, 2::3].tolist() == [[0.5, 1.5]] * 8
+        ((8, 6), (8, 2), True)
+    """
+    c = np.asarray(x, dtype=np.float64).reshape(len(x), n_particles, dim)
+    horizontal = list(range(dim - 1))
+    orders = [horizontal] + ([horizontal[::-1]] if dim == 3 else [])
+    images = []
+    for order in orders:
+        for flips in itertools.product((False, True), repeat=dim - 1):
+            image = c.copy()
+            image[..., horizontal] = c[..., order]
+            for axis, flip in zip(horizontal, flips):
+                if flip:
+                    image[..., axis] = box - image[..., axis]
+            images.append(image.reshape(len(x), -1))
+    return np.concatenate(images), np.tile(np.asarray(y), (len(images), 1))
+
+
 def split(
     table: pd.DataFrame, seed: int, fractions: Sequence[float] = (0.7, 0.15, 0.15)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
