@@ -205,7 +205,7 @@ class System:
             parameters are the sample command's options.
         augment: ``augment(x, y) -> (x, y)``: the training rows with copies under the
             system's exact symmetries (the LJ box's horizontal reflections and axis
-            swap), so that the model cannot memorise the rows in directions the physics
+            swap), so that the model cannot overfit the rows in directions the physics
             says are equivalent; ``fit`` and ``tune`` apply it to training rows only,
             never to validation or test rows. None: no symmetry to use.
         physics_terms: Names of the physics loss terms.

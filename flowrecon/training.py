@@ -228,9 +228,10 @@ def training_options() -> dict[str, Any]:
 def overfitting_note(history: History, rows: int) -> str:
     """A note when the validation loss ran away from the training loss, else "".
 
-    Training kept the best validation state, but the time after it was spent memorising
-    the training rows: said when the best epoch lies in the first quarter of at least 10
-    epochs and the last validation total exceeds the best by more than 5 % (or 1 nat).
+    Training kept the best validation state, but the time after it went into the
+    training rows' particulars: said when the best epoch lies in the first quarter of at
+    least 10 epochs and the last validation total exceeds the best by more than 5 % (or
+    1 nat).
 
     Example:
         >>> h = History(train={"total": [9.0 - e for e in range(12)]},

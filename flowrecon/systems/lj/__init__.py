@@ -92,7 +92,7 @@ def make_system(
             particles too high: `flowrecon.systems.lj.transform`).
         augment: Train on every configuration and its images under the box's
             horizontal symmetries (8 in 3-D, 2 in 2-D; `data.symmetric_copies`): without
-            them a coupling flow memorises 21,000 training configurations within tens of
+            them a coupling flow overfits 21,000 training configurations within tens of
             epochs (held-out NLL rising while the training NLL falls).
         chains: Markov chains per condition in simulations (0: automatic).
         thin: Saved configurations are ``thin`` autocorrelation times apart.
