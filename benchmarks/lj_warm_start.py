@@ -49,9 +49,10 @@ N, DIM, BOX, TEMPERATURE = 30, 3, 5.0, 1.5
 KEYS = ("energy_diff", "density_rel_error_max", "overlap_fraction", "height_rel_error")
 
 
-def references(data_dir: Path) -> dict[float, np.ndarray]:
-    """Held-out Monte Carlo ``(n, N, D)`` per gamma: the test chains and the unseen set."""
-    table, unseen = load_data(data_dir)
+def references(data_dir: Path, n_train: int) -> dict[float, np.ndarray]:
+    """Held-out Monte Carlo ``(n, N, D)`` per gamma: the test chains of the set the model
+    was trained on (`lj_generation.load_data`, split as there) and the unseen set."""
+    table, unseen = load_data(data_dir, n_train)
     system = make_system()
     prepared = system.prepare(table)
     _, _, test = system.split(prepared, 0)
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path("benchmarks/results/lj_data"))
+    parser.add_argument(
+        "--n-train", type=int, default=30_000, help="the three-gamma set the model saw"
+    )
     parser.add_argument("--stem", default="lj_warm_start")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--model {args.model}: no such file (save one with flowrecon fit)")
     torch.set_num_threads(args.threads)
     model = fr.load(args.model, device="cpu")
-    mc = references(args.data_dir)
+    mc = references(args.data_dir, args.n_train)
     gammas = args.gamma or list(mc)
     missing = [g for g in gammas if g not in mc]
     if missing:
