@@ -590,6 +590,13 @@ def _progress(progress: bool) -> _Bar | None:
     return _Bar() if progress else None
 
 
+def _adapt(log_step: Tensor, acceptance: Tensor, target: float, box: float) -> None:
+    """One step-size update in place: log step += 2 (acceptance - target), kept in
+    [1e-3, box / 2] (the tuning of `run_metropolis` and of `relax`)."""
+    log_step += 2.0 * (acceptance - target)
+    log_step.clamp_(math.log(1e-3), math.log(box / 2))
+
+
 def _tune(
     mc: LJChains,
     n_cond: int,
@@ -606,8 +613,7 @@ def _tune(
     while done < sweeps:
         n = min(interval, sweeps - done)
         acc = torch.as_tensor(_per_condition(mc.sweeps(n, order=order), n_cond))
-        log_step += 2.0 * (acc - target)
-        log_step.clamp_(math.log(1e-3), math.log(mc.box / 2))
+        _adapt(log_step, acc, target, mc.box)
         mc.set_step(torch.exp(log_step).repeat_interleave(mc.n_chains // n_cond))
         done += n
         if bar is not None:
@@ -786,8 +792,7 @@ def relax(
         tuning = int(sweeps) // 2
         log_step = torch.log(mc.step.double())
         for _ in range(tuning):
-            log_step += 2.0 * (mc.sweeps(1).to(log_step) - target_acceptance)
-            log_step.clamp_(math.log(1e-3), math.log(box / 2))
+            _adapt(log_step, mc.sweeps(1).to(log_step), target_acceptance, box)
             mc.set_step(torch.exp(log_step))
     rest = int(sweeps) - tuning
     acc = mc.sweeps(rest) if rest > 0 else torch.zeros(1)
