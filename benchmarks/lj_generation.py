@@ -69,7 +69,12 @@ SETTINGS: dict[str, dict] = {
     "nflows-nsf": {},
     "nflows-maf": {},
     "cvae": {"hidden_dim": 128, "num_layers": 3, "latent_dim": 32},
+    "particle-flow": {},
 }
+
+#: Preprocessing a model needs: the particle flow reads box coordinates as logit(c / L),
+#: particle after particle, so it gets neither whitening nor scaling.
+PREPROCESSING: dict[str, dict] = {"particle-flow": {"whitening": False, "x_scaler": "none"}}
 
 #: Latent-map and anomaly metrics of the evaluator, reported per model (seen conditions).
 MODEL_CHECKS = (
@@ -139,6 +144,7 @@ def fit(
     seed: int,
     saved: Path | None = None,
     augment: bool = True,
+    hparams: dict | None = None,
 ) -> tuple[object, dict]:
     """Fits the run's model, or loads ``saved`` (a model this script saved) instead."""
     # The source study trained on its configurations as simulated: no symmetric copies.
@@ -163,7 +169,8 @@ def fit(
     x, y = prepared[xcols].to_numpy(), prepared[ycols].to_numpy()
     model = fr.make(
         run["model"],
-        **SETTINGS.get(run["model"], {}),
+        **{**SETTINGS.get(run["model"], {}), **(hparams or {})},
+        **PREPROCESSING.get(run["model"], {}),
         transform=transform,
         device="cpu",
         seed=seed,
@@ -305,6 +312,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="train without the box's symmetric copies of the configurations",
     )
+    parser.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyper-parameter of the fitted models (not the source study's cVAE)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -326,7 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.load_models is not None:
             saved = args.load_models / f"{run['label'].split(' ')[0]}.pt"
             print(f"   loading {saved} instead of fitting", flush=True)
-        model, info = fit(run, table, minutes, args.seed, saved, augment=not args.no_augment)
+        hparams = {} if run["representation"] == "raw" else dict(_pair(h) for h in args.hparam)
+        model, info = fit(
+            run, table, minutes, args.seed, saved, augment=not args.no_augment, hparams=hparams
+        )
         info.update(minutes=minutes, load_before=load, load_after_fit=os.getloadavg())
         if args.save_models is not None:
             args.save_models.mkdir(parents=True, exist_ok=True)
@@ -404,6 +421,14 @@ def _budget(text: str) -> tuple[str, float]:
     if not sep:
         raise SystemExit(f"--budget takes MODEL=MINUTES, got {text!r}")
     return name, float(value)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--hparam``; the registry parses the value by its annotation."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--hparam takes KEY=VALUE, got {text!r}")
+    return name, value
 
 
 def _fmt(v, spec: str) -> str:

@@ -1213,7 +1213,8 @@ def make(name: str, **kwargs: Any) -> ConditionalGenerator:
         ValueError: unknown model 'zuko-nfs'. Did you mean 'zuko-nsf'? ...
     """
     options = {k: kwargs.pop(k) for k in GENERATOR_OPTIONS if k in kwargs}
-    registry.resolve(name, kwargs)  # raises on unknown names and hyper-parameters
+    model = registry.resolve(name, kwargs)[0]  # raises on unknown names and hyper-parameters
+    options = {**registry.MODELS[model].preprocessing, **options}
     # Preprocessing choices fail here, not after loading the data in fit.
     Pipeline(
         options.get("x_scaler", "standard"),

@@ -38,12 +38,16 @@ class ModelSpec:
         backend: Import name of the package the model needs.
         description: One line for ``flowrecon models``.
         has_density: Whether the model has a tractable ``log_prob``.
+        preprocessing: Generator options the model needs unless the user sets them
+            (the particle flow reads coordinates particle by particle, so it gets
+            neither whitening nor scaling).
     """
 
     builder: str
     backend: str
     description: str
     has_density: bool = True
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
 
 
 #: Model name -> spec. Names are what users type: ``flowrecon fit --model NAME``.
@@ -88,6 +92,12 @@ MODELS: dict[str, ModelSpec] = {
         "flowrecon.models.zuko:build_realnvp",
         "zuko",
         "zuko RealNVP (affine coupling) with context",
+    ),
+    "particle-flow": ModelSpec(
+        "flowrecon.models.particles:build_particle_flow",
+        "zuko",
+        "exchangeable-particle spline flow for particles in a box (LJ): neighbour-aware",
+        preprocessing={"whitening": False, "x_scaler": "none"},
     ),
 }
 

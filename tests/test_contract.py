@@ -34,9 +34,12 @@ TINY = {
 }
 
 
-def tiny_hparams(name: str) -> dict:
+def tiny_hparams(name: str, x_dim: int = X_DIM) -> dict:
     defaults = registry.hparam_defaults(name)
-    return {k: v for k, v in TINY.items() if k in defaults}
+    tiny = {k: v for k, v in TINY.items() if k in defaults}
+    if "particle_dim" in defaults:  # the particle flow: x is one particle of x_dim axes
+        tiny.update(particle_dim=x_dim, rounds=1)
+    return tiny
 
 
 def installed(name: str):
@@ -151,11 +154,13 @@ def test_log_prob_shapes_broadcasting_and_gradients(name, fitted, data) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_reach_every_parameter(name) -> None:
     torch.manual_seed(0)
-    est = registry.build_estimator(name, X_DIM, Y_DIM, **tiny_hparams(name))
+    # The particle flow's neighbour map needs two particles to be heard at all.
+    width = 2 * X_DIM if "particle_dim" in registry.hparam_defaults(name) else X_DIM
+    est = registry.build_estimator(name, width, Y_DIM, **tiny_hparams(name))
     with torch.no_grad():  # move zero-initialised layers off zero, so every path is live
         for p in est.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    x, y = torch.randn(16, X_DIM), torch.randn(16, Y_DIM)
+    x, y = torch.randn(16, width), torch.randn(16, Y_DIM)
     est.loss(x, y)["loss"].backward()
     for pname, p in est.named_parameters():
         assert p.grad is not None, f"no gradient reaches {pname}"
@@ -204,7 +209,7 @@ def test_log_prob_integrates_to_one_in_user_space(name) -> None:
     y = rng.normal(size=(200, 1))
     e = rng.normal(size=(200, 2))
     x = np.column_stack([3.0 + y[:, 0] + e[:, 0], 0.5 * e[:, 1] + 0.3 * e[:, 0]])
-    model = fr.make(name, device="cpu", **tiny_hparams(name)).fit(x, y, epochs=2, quiet=True)
+    model = fr.make(name, device="cpu", **tiny_hparams(name, 2)).fit(x, y, epochs=2, quiet=True)
     g = np.linspace(-9, 15, 121)
     h = np.linspace(-6, 6, 61)
     gx, gy = np.meshgrid(g, h, indexing="ij")
