@@ -380,9 +380,10 @@ def _make_generator(model: str, system: System, hparams, preprocessing, seed: in
     unknown = sorted(set(prep) - {"x_scaler", "y_scaler", "whitening"})
     if unknown:
         raise ValueError(f"unknown preprocessing option(s) {', '.join(unknown)}")
+    given = system.model_hparams.get(registry.resolve(model)[0], {})
     generator = fr.make(
         model,
-        **dict(hparams or {}),
+        **{**given, **dict(hparams or {})},
         transform=system.transform or "none",
         seed=seed,
         device=device,

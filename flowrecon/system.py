@@ -218,6 +218,9 @@ class System:
             ``config.json`` so that ``evaluate`` and ``sample`` remake the same System.
         cli_flags: Command-line flags kept as spellings of system options, flag ->
             option name (e.g. ``{"--charges": "charges"}``); ``--set`` reaches them all.
+        model_hparams: Hyper-parameters the system gives a model unless the user sets
+            them, model name -> {name: value} (LJ: the particle flow's particle_dim, box
+            and hard core).
         fit_options: Keyword arguments of `flowrecon.ConditionalGenerator.fit` beyond the
             training loop's (`FIT_OPTIONS`) that ``fit`` uses for this system, e.g.
             ``{"calibrate": False}`` where a sampling temperature would change the physics
@@ -256,6 +259,7 @@ class System:
     prior_features: Callable[[Any], tuple[Any, Any]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     cli_flags: Mapping[str, str] = field(default_factory=dict)
+    model_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fit_options: Mapping[str, Any] = field(default_factory=dict)
     column_hint: Callable[[list[str]], str] | None = None
     catalogues: Mapping[str, Callable[[], list[dict[str, Any]]]] = field(default_factory=dict)

@@ -239,3 +239,28 @@ def test_tune_on_the_height_error_without_calibration(lj_data, tmp_path, monkeyp
     assert '[system]\nname = "lj"' in (out / "best.toml").read_text()
     trials = pd.read_csv(out / "trials.csv")
     assert trials["state"].tolist() == ["COMPLETE"] and np.isfinite(trials["value"]).all()
+
+
+def test_particle_flow_gets_the_box_from_the_system_and_keeps_its_core(lj_data, tmp_path):
+    out = tmp_path / "pf"
+    args = [
+        "fit", "--system", "lj", *SMALL, "--model", "particle-flow", "--data", lj_data,
+        "--out", str(out), "--epochs", "2", "--batch-size", "128",
+        "--hparam", "rounds=1", "--hparam", "hidden=16",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    hparams = config["hparams"]
+    assert (hparams["particle_dim"], hparams["box"], hparams["core"]) == (3, 3.0, 0.8)
+    assert hparams["rounds"] == 1  # the user's own choice kept
+    assert config["preprocessing"]["whitening"] is False
+    conditions = tmp_path / "conditions.csv"
+    pd.DataFrame({"gamma": [0.05, 1.0], "temperature": [1.5, 1.5]}).to_csv(conditions)
+    draws = tmp_path / "draws.parquet"
+    args = ["sample", "--run", str(out), "--data", str(conditions), "--n", "50"]
+    result = CliRunner().invoke(main, [*args, "--out", str(draws)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(draws)
+    assert table["drawn_in_order"].all()  # the flow sorts its own draws
+    assert (table["min_distance"] >= 0.8 - 1e-4).mean() > 0.99
